@@ -1,0 +1,116 @@
+"""JAX numerics against ModelOpt's golden vectors and the contract of SPEC sections 1-2."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from nvfp4_jax import numerics as nq
+
+from tests.paths import VECTORS_NPZ
+
+VECTORS = np.load(VECTORS_NPZ)
+CASES = sorted({k.split(".")[0] for k in VECTORS.files})
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_bytes(case):
+    x = VECTORS[f"{case}.input_bf16_as_f32"].astype(ml_dtypes.bfloat16)
+    t = nq.quantize(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(t.weight), VECTORS[f"{case}.weight"])
+    np.testing.assert_array_equal(nq.fp8_bytes(t.weight_scale), VECTORS[f"{case}.weight_scale_u8"])
+    assert np.float32(t.weight_scale_2).view(np.uint32) == VECTORS[f"{case}.weight_scale_2"].view(np.uint32)
+    np.testing.assert_array_equal(np.asarray(nq.dequantize(t)), VECTORS[f"{case}.dequant_f32"])
+
+
+def test_golden_bytes_under_jit():
+    x = jnp.asarray(VECTORS["grid_and_ties.input_bf16_as_f32"].astype(ml_dtypes.bfloat16))
+    t = jax.jit(lambda w: nq.quantize(w, check=False))(x)
+    np.testing.assert_array_equal(np.asarray(t.weight), VECTORS["grid_and_ties.weight"])
+
+
+def test_per_expert_amax_equals_each_expert_alone():
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((3, 8, 64)) * np.array([1e-3, 1.0, 50.0])[:, None, None]).astype(ml_dtypes.bfloat16)
+    stacked = nq.quantize(jnp.asarray(w), nq.tensor_amax(jnp.asarray(w), per_leading=True))
+    assert stacked.weight_scale_2.shape == (3,)
+    for e in range(3):
+        alone = nq.quantize(jnp.asarray(w[e]))
+        np.testing.assert_array_equal(np.asarray(stacked.weight[e]), np.asarray(alone.weight))
+        np.testing.assert_array_equal(nq.fp8_bytes(stacked.weight_scale[e]), nq.fp8_bytes(alone.weight_scale))
+        assert np.float32(stacked.weight_scale_2[e]) == np.float32(alone.weight_scale_2)
+
+
+def test_group_amax_shares_tensor_scale():
+    a = jnp.ones((4, 32), jnp.bfloat16)
+    b = 3 * jnp.ones((4, 32), jnp.bfloat16)
+    ta, tb = nq.quantize(a, 3.0), nq.quantize(b, 3.0)
+    assert float(ta.weight_scale_2) == float(tb.weight_scale_2) == np.float32(3.0) / np.float32(2688)
+
+
+def test_all_zero_tensor_has_finite_positive_scales():
+    t = nq.quantize(jnp.zeros((2, 32), jnp.bfloat16))
+    assert np.all(np.asarray(t.weight) == 0)
+    s = np.asarray(t.weight_scale).astype(np.float32)
+    assert np.all(np.isfinite(s)) and np.all(s > 0)
+    assert float(t.weight_scale_2) == np.float32(1.0) / np.float32(2688)
+
+
+def test_sign_of_zero():
+    x = np.zeros((1, 16), np.float32)
+    x[0, 0] = 6.0
+    x[0, 1] = -0.0
+    x[0, 2] = -1e-3  # rounds to zero, keeps its sign
+    codes = np.asarray(nq.unpack_fp4(nq.quantize(jnp.asarray(x)).weight))[0]
+    assert codes[0] == 7 and codes[1] == 0x0 and codes[2] == 0x8
+
+
+def test_pack_unpack_roundtrip_and_nibble_order():
+    codes = np.arange(32, dtype=np.uint8).reshape(2, 16) % 16
+    packed = np.asarray(nq.pack_fp4(codes))
+    assert packed[0, 0] == (codes[0, 0] | codes[0, 1] << 4)
+    np.testing.assert_array_equal(np.asarray(nq.unpack_fp4(packed)), codes)
+
+
+@pytest.mark.parametrize("bad,exc,words", [
+    (np.ones((4, 24), np.float32), ValueError, ["multiple of 16", "(4, 24)"]),
+    (np.ones((4, 32), np.int32), TypeError, ["int32", "(4, 32)"]),
+])
+def test_bad_input(bad, exc, words):
+    with pytest.raises(exc) as e:
+        nq.quantize(jnp.asarray(bad))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_nan_inf_reported_with_count_and_first_index():
+    x = np.ones((4, 32), np.float32)
+    x[1, 3] = np.nan
+    x[2, 0] = np.inf
+    with pytest.raises(ValueError) as e:
+        nq.quantize(jnp.asarray(x))
+    assert "2 NaN/Inf" in str(e.value) and "(1, 3)" in str(e.value) and "(4, 32)" in str(e.value)
+
+
+@pytest.mark.parametrize("amax", [-1.0, float("nan"), 0.5])
+def test_bad_amax(amax):
+    with pytest.raises(ValueError, match="amax"):
+        nq.quantize(jnp.ones((2, 16), jnp.float32), amax)
+
+
+def test_scale_from_amax_is_correctly_rounded_division():
+    rng = np.random.default_rng(2)
+    amax = (10.0 ** rng.uniform(-30, 30, 20000)).astype(np.float32)
+    expect = (amax.astype(np.float64) / 2688.0).astype(np.float32)  # f64 then round: exact f32 division
+    np.testing.assert_array_equal(np.asarray(nq.scale_from_amax(jnp.asarray(amax))), expect)
+
+
+def test_fake_quant_matches_dequantize_and_straight_through_gradient():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 5, 32)).astype(np.float32))
+    amax = float(jnp.max(jnp.abs(x)))
+    fq = nq.fake_quant(x, amax)
+    ref = nq.dequantize(nq.quantize(x.reshape(15, 32), amax)).reshape(x.shape)
+    np.testing.assert_array_equal(np.asarray(fq), np.asarray(ref))
+    g = jax.grad(lambda v: jnp.sum(nq.fake_quant(v, amax) * 2.0))(x)
+    np.testing.assert_array_equal(np.asarray(g), 2.0 * np.ones(x.shape, np.float32))
