@@ -1,0 +1,383 @@
+"""Streaming, resumable safetensors checkpoint writer (SPEC section 6).
+
+    w = CheckpointWriter("out/Kimi-NVFP4", shard_size=5e9)
+    for layer in range(n):
+        unit = f"layer.{layer}"
+        if w.is_done(unit):
+            continue
+        for name, array in quantized_tensors(layer):     # always the same order for a unit
+            w.add(name, array)
+        w.finish_unit(unit, {"experts_without_tokens": 3})
+    w.finalize(config, hf_quant_config, reader.extra_files(), report)
+
+Layout on disk while running (everything under ``OUT.partial/``):
+
+- ``shard-00001.safetensors`` ...: closed shards (final bytes, final name given at finalize);
+- ``shard-0000K.body``: tensor data of the shard being filled (its header is written when the shard
+  closes: the file is then ``header + body``);
+- ``manifest.json``: written atomically at every ``finish_unit``: finished units (with their info),
+  closed shards with sha256, and the open shard's tensor list and body length.
+
+Determinism: tensors are laid out in the order they are added; a shard is closed before a tensor
+that would push its data past ``shard_size`` (a tensor larger than ``shard_size`` gets a shard of
+its own).  Given the same sequence of ``add`` calls, the bytes are the same.  Resume restores the
+state recorded at the last ``finish_unit`` (closed shards kept, open body truncated to its recorded
+length, anything newer deleted), so a resumed run that re-adds the remaining units in the same
+order is byte-identical to an uninterrupted one.
+
+``finalize`` closes the last shard, names shards ``model-0000i-of-0000N.safetensors``, writes the
+index, ``config.json``, ``hf_quant_config.json``, the report and the extra files, re-reads every
+shard header to check that each tensor is listed exactly once, and only then renames
+``OUT.partial`` to ``OUT``.  A killed run therefore never leaves ``OUT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import formats
+from .safetensors_io import CheckpointError, encode_header, fsync_dir, read_header, st_dtype
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+REPORT_NAME = "nvfp4_report.json"
+INDEX_NAME = "model.safetensors.index.json"
+FORMATS = ("modelopt", "compressed-tensors")
+_CHUNK = 64 << 20
+
+
+def _dump_json(obj) -> str:
+    # ModelOpt writes its json files with indent=4 and no trailing newline; so do we.
+    return json.dumps(obj, indent=4)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _to_numpy(array) -> np.ndarray:
+    a = np.asarray(array)  # jax arrays come back with their ml_dtypes dtype
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return np.require(a, requirements='C')  # (np.ascontiguousarray would turn 0-d into [1])
+
+
+class CheckpointWriter:
+    """See the module docstring.
+
+    out_dir: final directory; work happens in ``out_dir + ".partial"``.
+    shard_size: maximum tensor-data bytes per shard (a single larger tensor gets its own shard).
+    overwrite: replace an existing ``out_dir`` at finalize (otherwise it is refused up front).
+    resume: continue from ``OUT.partial/manifest.json`` (started afresh if there is none).  Without
+        resume, an existing ``OUT.partial`` is refused unless overwrite=True, which wipes it.
+    fmt: "modelopt" (tensors written as added) or "compressed-tensors" (``add`` renames and inverts
+        scales with formats.to_compressed_tensors).
+    verify_checksums: on resume, re-hash the kept shards against the manifest.
+    """
+
+    def __init__(self, out_dir, *, shard_size=5e9, overwrite=False, resume=False, fmt="modelopt",
+                 verify_checksums=True):
+        self.out_dir = Path(out_dir)
+        self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
+        self.shard_size = int(shard_size)
+        if self.shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
+        self.fmt = fmt
+        self.overwrite = overwrite
+        if self.out_dir.exists() and not overwrite:
+            raise CheckpointError(f"output directory {self.out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+        self._finalized = False
+        self._body = None  # open file object of the current shard's body
+        self._stale_bodies: list[Path] = []  # bodies of shards closed since the last manifest
+        if resume and (self.partial / MANIFEST).exists():
+            self._resume(verify_checksums)
+        else:
+            if self.partial.exists():
+                if not (overwrite or resume):
+                    raise CheckpointError(
+                        f"{self.partial} exists (an interrupted run?); pass resume=True (--resume) to continue it "
+                        "or overwrite=True (--overwrite) to start over"
+                    )
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+            self.units: dict[str, dict] = {}
+            self.closed: list[dict] = []  # {"file", "sha256", "size", "tensors": [names]}
+            self.open_tensors: list[list] = []  # [name, dtype, shape, nbytes]
+            self.open_bytes = 0
+            self._write_manifest()
+        self._names = {t[0] for t in self.open_tensors}
+        for s in self.closed:
+            self._names.update(s["tensors"])
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _shard_index(self) -> int:
+        return len(self.closed) + 1
+
+    def _body_path(self) -> Path:
+        return self.partial / f"shard-{self._shard_index():05d}.body"
+
+    def _write_manifest(self) -> None:
+        m = {
+            "version": MANIFEST_VERSION,
+            "fmt": self.fmt,
+            "shard_size": self.shard_size,
+            "units": self.units,
+            "closed_shards": self.closed,
+            "open_shard": {"tensors": self.open_tensors, "body_bytes": self.open_bytes},
+        }
+        _atomic_write_text(self.partial / MANIFEST, json.dumps(m, indent=1))
+        fsync_dir(self.partial)
+
+    def _resume(self, verify: bool) -> None:
+        mpath = self.partial / MANIFEST
+        try:
+            m = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"resume manifest {mpath} is corrupt: {e}; delete {self.partial} and start over") from None
+        if m.get("version") != MANIFEST_VERSION:
+            raise CheckpointError(f"resume manifest {mpath} has version {m.get('version')}, expected {MANIFEST_VERSION}")
+        if m["fmt"] != self.fmt or m["shard_size"] != self.shard_size:
+            raise CheckpointError(
+                f"cannot resume {self.partial}: it was started with fmt={m['fmt']!r}, shard_size={m['shard_size']} "
+                f"but this run uses fmt={self.fmt!r}, shard_size={self.shard_size}"
+            )
+        self.units = m["units"]
+        self.closed = m["closed_shards"]
+        self.open_tensors = m["open_shard"]["tensors"]
+        self.open_bytes = m["open_shard"]["body_bytes"]
+        keep = {MANIFEST}
+        for s in self.closed:
+            p = self.partial / s["file"]
+            if not p.exists() or p.stat().st_size != s["size"]:
+                raise CheckpointError(f"cannot resume: shard {p} is missing or has the wrong size; delete {self.partial} and start over")
+            if verify and _sha256(p) != s["sha256"]:
+                raise CheckpointError(f"cannot resume: shard {p} does not match its checksum in {mpath}; delete {self.partial} and start over")
+            keep.add(s["file"])
+        body = self._body_path()
+        if self.open_bytes:
+            if not body.exists() or body.stat().st_size < self.open_bytes:
+                raise CheckpointError(f"cannot resume: {body} is shorter than the {self.open_bytes} bytes recorded in {mpath}")
+            with open(body, "r+b") as f:
+                f.truncate(self.open_bytes)
+                os.fsync(f.fileno())
+            keep.add(body.name)
+        # everything written after the last finished unit goes
+        for p in self.partial.iterdir():
+            if p.name not in keep:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def is_done(self, unit: str) -> bool:
+        return unit in self.units
+
+    def unit_info(self) -> dict[str, dict]:
+        """Info dicts of the finished units (including those of a resumed run), in order."""
+        return dict(self.units)
+
+    def add(self, name: str, array) -> None:
+        """Append one tensor (numpy or jax array; dtype kept: bf16, uint8, float8_e4m3fn, f32, ...)."""
+        self._check_open()
+        items = formats.to_compressed_tensors(name, array) if self.fmt == "compressed-tensors" else [(name, array)]
+        for n, a in items:
+            self._add_one(n, _to_numpy(a))
+
+    def _add_one(self, name: str, a: np.ndarray) -> None:
+        if name in self._names:
+            raise CheckpointError(f"tensor {name!r} was added twice")
+        dtype = st_dtype(a.dtype)
+        nbytes = a.nbytes
+        if self.open_tensors and self.open_bytes + nbytes > self.shard_size:
+            self._close_shard()
+        if self._body is None:
+            self._body = open(self._body_path(), "ab")
+            if self._body.tell() != self.open_bytes:
+                raise CheckpointError(f"{self._body_path()} has {self._body.tell()} bytes, expected {self.open_bytes}")
+        self._body.write(a.reshape(-1).view(np.uint8))  # raw little-endian bytes, no copy
+        self.open_tensors.append([name, dtype, list(a.shape), nbytes])
+        self.open_bytes += nbytes
+        self._names.add(name)
+
+    def finish_unit(self, unit: str, info: dict | None = None) -> None:
+        """Make everything added so far durable and record ``unit`` as done."""
+        self._check_open()
+        if unit in self.units:
+            raise CheckpointError(f"unit {unit!r} was already finished")
+        if self._body is not None:
+            self._body.flush()
+            os.fsync(self._body.fileno())
+        self.units[unit] = json.loads(json.dumps(info or {}))  # must be JSON
+        self._write_manifest()
+        for p in self._stale_bodies:
+            p.unlink(missing_ok=True)
+        self._stale_bodies = []
+
+    def _close_shard(self) -> None:
+        body = self._body_path()
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+        fname = f"shard-{self._shard_index():05d}.safetensors"
+        path = self.partial / fname
+        head = encode_header([(n, d, tuple(s), b) for n, d, s, b in self.open_tensors], {"format": "pt"})
+        h = hashlib.sha256(head)
+        with open(path, "wb") as out, open(body, "rb") as src:
+            out.write(head)
+            while chunk := src.read(_CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+            size = out.tell()
+        if size != len(head) + self.open_bytes:
+            raise CheckpointError(f"shard {path}: wrote {size} bytes, expected {len(head) + self.open_bytes}")
+        self.closed.append({"file": fname, "sha256": h.hexdigest(), "size": size,
+                            "tensors": [t[0] for t in self.open_tensors]})
+        self.open_tensors = []
+        self.open_bytes = 0
+        # The body is deleted only after the manifest no longer refers to it; until the next
+        # finish_unit the manifest still describes it as the open shard, so keep it around.
+        self._stale_bodies.append(body)
+
+    def finalize(self, config: dict, quant_config: dict | None, extra_files=(), report: dict | None = None,
+                 *, quantization_config: dict | None = None) -> Path:
+        """Close the last shard, write index/config/extra files, verify, rename to ``out_dir``.
+
+        config: the config.json to write (the source's).  quantization_config, when given, replaces
+            config["quantization_config"]; otherwise config must already carry the new one.  It must
+            match the writer's format (quant_method "modelopt", or "compressed-tensors" with format
+            "nvfp4-pack-quantized").
+        quant_config: hf_quant_config.json contents (None: not written; the compressed-tensors
+            format does not use it).
+        extra_files: paths copied verbatim by file name (tokenizer, generation config, *.py, ...).
+        report: written as nvfp4_report.json (with the finished units' info under "units").
+        """
+        self._check_open()
+        config = dict(config)
+        if quantization_config is not None:
+            config["quantization_config"] = quantization_config
+        self._check_quant_config(config.get("quantization_config"))
+        if self.open_tensors:
+            self._close_shard()
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+        n = len(self.closed)
+        if n == 0:
+            raise CheckpointError("no tensors were added; nothing to write")
+
+        # rename shards to their final names
+        weight_map: dict[str, str] = {}
+        total = 0
+        final_files = []
+        for i, s in enumerate(self.closed, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            src, dst = self.partial / s["file"], self.partial / final
+            if src != dst:
+                os.replace(src, dst)
+            final_files.append(final)
+            entries, _ = read_header(dst)  # verification: the shard parses and matches the manifest
+            if list(entries) != s["tensors"]:
+                raise CheckpointError(f"shard {dst}: its header lists {len(entries)} tensors, the manifest {len(s['tensors'])}")
+            for name, e in entries.items():
+                if name in weight_map:
+                    raise CheckpointError(f"tensor {name!r} is in both {weight_map[name]} and {final}")
+                weight_map[name] = final
+                total += e.nbytes
+        if set(weight_map) != self._names:
+            missing = sorted(self._names - set(weight_map))[:5]
+            raise CheckpointError(f"tensors added but not in any shard: {missing}")
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic_write_text(self.partial / INDEX_NAME, _dump_json(index))
+        _atomic_write_text(self.partial / "config.json", _dump_json(config))
+        if quant_config is not None:
+            _atomic_write_text(self.partial / "hf_quant_config.json", _dump_json(quant_config))
+        for f in extra_files:
+            f = Path(f)
+            if f.name in (INDEX_NAME, "config.json", "hf_quant_config.json", MANIFEST) or f.name in final_files:
+                raise CheckpointError(f"extra file {f} would overwrite a file the writer produces")
+            shutil.copy2(f, self.partial / f.name)
+        if report is not None:
+            rep = dict(report)
+            rep.setdefault("units", self.units)
+            _atomic_write_text(self.partial / REPORT_NAME, _dump_json(rep))
+
+        # last check: the index and the shard headers agree, every tensor exactly once
+        seen: dict[str, str] = {}
+        for final in final_files:
+            for name in read_header(self.partial / final)[0]:
+                if name in seen:
+                    raise CheckpointError(f"tensor {name!r} is listed in both {seen[name]} and {final}")
+                seen[name] = final
+        if seen != index["weight_map"]:
+            raise CheckpointError(f"index {self.partial / INDEX_NAME} disagrees with the shard headers")
+
+        for p in list(self.partial.glob("*.body")) + [self.partial / MANIFEST]:
+            p.unlink(missing_ok=True)
+        fsync_dir(self.partial)
+        if self.out_dir.exists():
+            if not self.overwrite:
+                raise CheckpointError(f"output directory {self.out_dir} appeared while writing; refusing to replace it")
+            old = self.out_dir.with_name(self.out_dir.name + f".old-{os.getpid()}")
+            os.replace(self.out_dir, old)
+            os.replace(self.partial, self.out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.partial, self.out_dir)
+        fsync_dir(self.out_dir.parent)
+        self._finalized = True
+        return self.out_dir
+
+    def _check_quant_config(self, qc) -> None:
+        if not isinstance(qc, dict):
+            raise CheckpointError("config has no quantization_config; pass quantization_config= (see formats.py)")
+        method = qc.get("quant_method")
+        if self.fmt == "modelopt" and method != "modelopt":
+            raise CheckpointError(f"quantization_config.quant_method is {method!r}; the modelopt format needs 'modelopt'")
+        if self.fmt == "compressed-tensors" and (method != "compressed-tensors" or qc.get("format") != "nvfp4-pack-quantized"):
+            raise CheckpointError(
+                f"quantization_config is quant_method {method!r}, format {qc.get('format')!r}; the compressed-tensors "
+                "format needs 'compressed-tensors' / 'nvfp4-pack-quantized'"
+            )
+
+    def _check_open(self):
+        if self._finalized:
+            raise CheckpointError(f"writer for {self.out_dir} is already finalized")
+
+    def close(self):
+        """Release file handles without finalizing (the partial directory stays for resume)."""
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
