@@ -190,7 +190,10 @@ def pack_fp4(codes) -> jax.Array:
     """uint8 codes ``[..., K]`` (values 0..15), K even -> packed uint8 ``[..., K // 2]``."""
     codes = jnp.asarray(codes, jnp.uint8)
     pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    # view each pair as one little-endian uint16 (element 2j is the low byte): XLA fuses this with
+    # the producer of the codes, where strided slicing of the pairs does not vectorize on CPU
+    v = jax.lax.bitcast_convert_type(pairs, jnp.uint16)
+    return ((v & 0xF) | ((v >> 4) & 0xF0)).astype(jnp.uint8)
 
 
 def unpack_fp4(packed) -> jax.Array:
@@ -217,9 +220,10 @@ def _quantize_core(w, amax):
     mag = jnp.abs(blocks)
     s2_b = scale_2[..., None, None] if scale_2.ndim else scale_2
     scale = _block_scales(jnp.max(mag, axis=-1), s2_b)  # [..., N, K/16] float32 (exact e4m3)
-    d = (scale * s2_b)[..., None]  # the float32 product divisor of step 3
-    d = jnp.broadcast_to(d, mag.shape)
-    y = mag / d
+    d_block = scale * s2_b  # the float32 product divisor of step 3, one per block
+    d = jnp.broadcast_to(d_block[..., None], mag.shape)
+    # approximate quotient (reciprocal per block): it only decides elements far from a threshold
+    y = mag * (_F32(1.0) / d_block)[..., None]
     idx = jnp.zeros(mag.shape, jnp.uint8)
     for t, inclusive in _THRESHOLDS:
         idx = idx + _passes_threshold(mag, y, d, t, inclusive).astype(jnp.uint8)

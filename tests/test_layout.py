@@ -14,7 +14,7 @@ from nvfp4_jax.checkpoint.layout import (
     is_excluded_vllm,
 )
 
-GOLDEN = Path("/work/shared/golden/tiny_llama")
+from tests.paths import TINY_LLAMA as GOLDEN
 
 
 def llama_names(L=2):

@@ -1,0 +1,191 @@
+"""Calibration statistics (SPEC.md sections 3-5).
+
+A layer forward (``nvfp4_jax.models``) returns a ``LayerStats`` dict per batch; :class:`CalibStats`
+accumulates them (max for amax, sum for token counts), resolves the input amax of every quantized
+linear with the MoE back-fill policy, unifies fused groups, and reports expert coverage.
+
+Weight amax is never stored here: it is a property of the weight and is computed from it when the
+weight is quantized (the lazy rule of SPEC section 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+MOE_POLICIES = ("layer-max", "per-expert")
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot give a valid scale (e.g. no expert of a MoE layer saw a token)."""
+
+
+@dataclasses.dataclass
+class ExpertStats:
+    """Per routed-expert statistics of one MoE layer (index = expert id)."""
+
+    gate_up_input_amax: np.ndarray  # float32 [E], 0 where the expert saw no token
+    down_input_amax: np.ndarray  # float32 [E]
+    tokens_per_expert: np.ndarray  # int64 [E]
+
+    def merge(self, other: "ExpertStats") -> "ExpertStats":
+        return ExpertStats(
+            np.maximum(self.gate_up_input_amax, other.gate_up_input_amax),
+            np.maximum(self.down_input_amax, other.down_input_amax),
+            self.tokens_per_expert + other.tokens_per_expert,
+        )
+
+
+@dataclasses.dataclass
+class CalibStats:
+    """amax statistics of a calibration run: ``input_amax[module]`` for non-routed linears and
+    ``experts[prefix]`` (``model.layers.{l}.mlp.experts``) for routed experts."""
+
+    input_amax: dict[str, float] = dataclasses.field(default_factory=dict)
+    experts: dict[str, ExpertStats] = dataclasses.field(default_factory=dict)
+
+    def observe(self, layer_stats: Mapping) -> None:
+        """Merge one batch's ``LayerStats`` (from ``family.layer_forward``) into these statistics."""
+        for name, amax in layer_stats.get("input_amax", {}).items():
+            value = float(np.asarray(amax, np.float32))
+            self.input_amax[name] = max(self.input_amax.get(name, 0.0), value)
+        ex = layer_stats.get("experts")
+        if ex:
+            new = ExpertStats(
+                np.asarray(ex["gate_up_input_amax"], np.float32),
+                np.asarray(ex["down_input_amax"], np.float32),
+                np.asarray(ex["tokens_per_expert"], np.int64),
+            )
+            prev = self.experts.get(ex["prefix"])
+            self.experts[ex["prefix"]] = new if prev is None else prev.merge(new)
+
+    def merge(self, other: "CalibStats") -> "CalibStats":
+        """Max-merge with statistics from another host or run."""
+        out = CalibStats(dict(self.input_amax), dict(self.experts))
+        for k, v in other.input_amax.items():
+            out.input_amax[k] = max(out.input_amax.get(k, 0.0), v)
+        for k, v in other.experts.items():
+            out.experts[k] = v if k not in out.experts else out.experts[k].merge(v)
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "input_amax": dict(self.input_amax),
+            "experts": {
+                k: {
+                    "gate_up_input_amax": v.gate_up_input_amax.tolist(),
+                    "down_input_amax": v.down_input_amax.tolist(),
+                    "tokens_per_expert": v.tokens_per_expert.tolist(),
+                }
+                for k, v in self.experts.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "CalibStats":
+        return cls(
+            {k: float(v) for k, v in d.get("input_amax", {}).items()},
+            {
+                k: ExpertStats(
+                    np.asarray(v["gate_up_input_amax"], np.float32),
+                    np.asarray(v["down_input_amax"], np.float32),
+                    np.asarray(v["tokens_per_expert"], np.int64),
+                )
+                for k, v in d.get("experts", {}).items()
+            },
+        )
+
+
+def backfill_expert_amax(stats: ExpertStats, policy: str, layer_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Input amax for every routed expert of one layer (SPEC section 5).
+
+    ``layer-max``: every expert gets the layer's max, per projection. ``per-expert``: experts keep
+    their own amax; experts that saw no token get the layer max. Raises if no expert saw a token.
+    """
+    if policy not in MOE_POLICIES:
+        raise ValueError(f"unknown MoE policy {policy!r}; choose one of {MOE_POLICIES}")
+    seen = stats.tokens_per_expert > 0
+    if not seen.any():
+        raise CalibrationError(
+            f"no routed expert of {layer_name} received a calibration token; use more or longer "
+            "calibration samples, or --input-scale-constant for a calibration-free run")
+    gate_up_max = float(stats.gate_up_input_amax[seen].max())
+    down_max = float(stats.down_input_amax[seen].max())
+    for label, v in (("gate/up", gate_up_max), ("down", down_max)):
+        if not v > 0:
+            raise CalibrationError(f"{layer_name}: routed experts saw tokens but their {label} input amax is 0")
+    n = len(seen)
+    if policy == "layer-max":
+        return np.full(n, gate_up_max, np.float32), np.full(n, down_max, np.float32)
+    gate_up = np.where(seen & (stats.gate_up_input_amax > 0), stats.gate_up_input_amax, gate_up_max)
+    down = np.where(seen & (stats.down_input_amax > 0), stats.down_input_amax, down_max)
+    return gate_up.astype(np.float32), down.astype(np.float32)
+
+
+def expert_input_amax(stats: CalibStats, policy: str) -> dict[str, float]:
+    """``{expert linear module: input amax}`` for every routed expert of every MoE layer."""
+    out: dict[str, float] = {}
+    for prefix, ex in stats.experts.items():
+        gate_up, down = backfill_expert_amax(ex, policy, prefix.rsplit(".experts", 1)[0])
+        for e in range(len(gate_up)):
+            out[f"{prefix}.{e}.gate_proj"] = float(gate_up[e])
+            out[f"{prefix}.{e}.up_proj"] = float(gate_up[e])
+            out[f"{prefix}.{e}.down_proj"] = float(down[e])
+    return out
+
+
+def unify_groups(amax: Mapping[str, float], groups: Iterable[tuple[str, ...]]) -> dict[str, float]:
+    """Every member of a fused group gets the group's max (SPEC section 4). Members missing from
+    ``amax`` are ignored; the result has the same keys as ``amax``."""
+    out = dict(amax)
+    for group in groups:
+        present = [m for m in group if m in out]
+        if present:
+            top = max(out[m] for m in present)
+            for m in present:
+                out[m] = top
+    return out
+
+
+def coverage_report(stats: CalibStats) -> dict[str, dict]:
+    """Per MoE layer: experts without tokens and a token-count histogram."""
+    report = {}
+    for prefix, ex in sorted(stats.experts.items(), key=lambda kv: _layer_index(kv[0])):
+        counts = ex.tokens_per_expert
+        edges = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10**9]
+        hist = {}
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            n = int(((counts >= lo) & (counts < hi)).sum())
+            if n:
+                hist[f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}" if hi < 10**9 else f">={lo}"] = n
+        report[prefix.rsplit(".mlp.experts", 1)[0]] = {
+            "num_experts": int(len(counts)),
+            "experts_without_tokens": int((counts == 0).sum()),
+            "experts_without_tokens_ids": [int(i) for i in np.flatnonzero(counts == 0)],
+            "tokens_min": int(counts.min()),
+            "tokens_max": int(counts.max()),
+            "tokens_total": int(counts.sum()),
+            "histogram": hist,
+        }
+    return report
+
+
+def _layer_index(name: str) -> int:
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return -1
+
+
+def constant_input_amax(value_input_scale: float = 1.0) -> float:
+    """Input amax that gives ``input_scale == value_input_scale`` (calibration-free runs)."""
+    return float(np.float32(value_input_scale) * np.float32(2688.0))
+
+
+__all__ = [
+    "MOE_POLICIES", "CalibrationError", "ExpertStats", "CalibStats", "backfill_expert_amax",
+    "expert_input_amax", "unify_groups", "coverage_report", "constant_input_amax",
+]

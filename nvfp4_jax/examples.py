@@ -1,0 +1,270 @@
+"""Built-in example checkpoints, made on the fly from a seed, and built-in calibration text.
+
+* ``llama-tiny``: a 2-layer Llama in bf16.
+* ``kimi-k2-tiny``: Kimi-K2-shaped (DeepSeek-V3 architecture, ``model_type`` kimi_k2): 1 dense + 2
+  MoE layers, 16 routed experts (top-2), a shared expert, MLA with q_lora/kv_lora, yarn RoPE, a
+  sigmoid router with ``e_score_correction_bias``; routed experts stored as compressed-tensors
+  ``pack-quantized`` INT4 (group 32, symmetric) as in Kimi-K2-Thinking; everything else bf16.
+* ``kimi-k2-shaped``: Kimi-K2's real tensor sizes (hidden 7168, expert intermediate 2048, dense
+  intermediate 18432, MLA ranks 1536/512) with fewer layers and experts, for benchmarks.
+
+Every example carries a byte-level ``tokenizer.json`` (256 byte tokens + specials).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from nvfp4_jax.checkpoint.safetensors_io import save_file
+
+BF16 = ml_dtypes.bfloat16
+INT4_GROUP = 32
+
+CALIBRATION_TEXT = """\
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+In 1905 Albert Einstein published four papers that changed physics: on the photoelectric effect,
+Brownian motion, special relativity and the equivalence of mass and energy.
+def quantize(w, amax):
+    scale = amax / (6.0 * 448.0)
+    return [round(x / scale) for x in w]
+SELECT name, COUNT(*) AS n FROM orders WHERE total > 100 GROUP BY name ORDER BY n DESC;
+La vie est belle. Das Wetter ist heute schön. El rápido zorro marrón salta sobre el perro perezoso.
+量子化は、モデルの重みを少ないビット数で表現する手法です。 模型量化可以减少显存占用并提高推理速度。
+Mixture-of-experts models route each token to a few experts; a router scores the experts with a
+sigmoid, adds a correction bias, and picks the top-k within the best groups.
+{"id": 42, "tags": ["fp4", "e2m1", "e4m3"], "ok": true, "ratio": 0.3125}
+Rain fell softly on the tin roof while the kettle began to whistle in the kitchen.
+To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer
+the slings and arrows of outrageous fortune, or to take arms against a sea of troubles.
+for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; } return sum / (double)n;
+Photosynthesis converts light energy into chemical energy stored in glucose molecules.
+The treaty was signed on 14 March 1883 in a small town near the river delta.
+Prime numbers: 2 3 5 7 11 13 17 19 23 29 31 37 41 43 47 53 59 61 67 71 73 79 83 89 97.
+"""
+
+
+def calibration_samples(tokenizer_path, num_samples: int = 16, seq_len: int = 64) -> list[list[int]]:
+    """Token-id samples of the built-in calibration text, tokenized with ``tokenizer_path``."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    ids = tok.encode(CALIBRATION_TEXT).ids
+    out = []
+    start = 0
+    while len(out) < num_samples:
+        if start + seq_len > len(ids):
+            start = (start + 7) % max(len(ids) - seq_len, 1)  # wrap with a shift: new windows
+        out.append(ids[start:start + seq_len])
+        start += seq_len
+    return out
+
+
+def byte_level_tokenizer(path: Path, specials=("<|bos|>", "<|eos|>", "<|pad|>")) -> None:
+    """Write a byte-level BPE ``tokenizer.json`` (ids 0..255 = bytes, then specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: _byte_of(c))
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(specials))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": specials[0], "eos_token": specials[1], "pad_token": specials[2],
+         "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+
+
+def _byte_of(c: str) -> int:
+    # GPT-2 byte-to-unicode map: printable bytes map to themselves, the rest to 256 + n
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    if ord(c) in printable:
+        return ord(c)
+    rest = [b for b in range(256) if b not in printable]
+    return rest[ord(c) - 256]
+
+
+def _normal(rng, shape, std) -> np.ndarray:
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(BF16)
+
+
+def int4_pack(w: np.ndarray, group: int = INT4_GROUP) -> dict[str, np.ndarray]:
+    """Symmetric group-wise INT4 in compressed-tensors ``pack-quantized`` layout.
+
+    Returns ``weight_packed`` int32 [N, K/8] (element i of 8 in bits 4i..4i+3, stored as q + 8),
+    ``weight_scale`` bf16 [N, K/group], ``weight_shape`` int64 [2]. Decoded value: ``q * scale``.
+    """
+    n, k = w.shape
+    wf = w.astype(np.float32).reshape(n, k // group, group)
+    scale = (np.abs(wf).max(-1) / 7.0).astype(BF16)
+    scale = np.where(scale.astype(np.float32) == 0, BF16(1.0), scale).astype(BF16)
+    q = np.clip(np.rint(wf / scale.astype(np.float32)[..., None]), -8, 7).astype(np.int64).reshape(n, k)
+    nib = (q + 8).astype(np.uint32).reshape(n, k // 8, 8)
+    packed = np.zeros((n, k // 8), np.uint32)
+    for i in range(8):
+        packed |= nib[..., i] << np.uint32(4 * i)
+    return {"weight_packed": packed.view(np.int32), "weight_scale": scale,
+            "weight_shape": np.asarray([n, k], np.int64)}
+
+
+def _write(path: Path, tensors: dict[str, np.ndarray], config: dict, shard_bytes: float = 2e9) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}, indent=2))
+    names = list(tensors)
+    shards, cur, size = [], [], 0
+    for n in names:
+        nb = tensors[n].nbytes
+        if cur and size + nb > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += nb
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(path / "model.safetensors", {n: tensors[n] for n in shards[0]}, {"format": "pt"})
+        return
+    weight_map = {}
+    for i, s in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(path / fname, {n: tensors[n] for n in s}, {"format": "pt"})
+        weight_map.update({n: fname for n in s})
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}, indent=2))
+
+
+def llama_tiny_config(vocab: int = 259) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+        "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "hidden_act": "silu", "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "vocab_size": vocab,
+        "bos_token_id": 256, "eos_token_id": 257, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def build_llama_tiny(path, seed: int = 0) -> Path:
+    path = Path(path)
+    cfg = llama_tiny_config()
+    rng = np.random.default_rng(seed)
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    t = {"model.embed_tokens.weight": _normal(rng, (v, h), 1.0), "model.norm.weight": np.ones(h, BF16),
+         "lm_head.weight": _normal(rng, (v, h), 0.05)}
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        t.update({
+            p + "input_layernorm.weight": (1 + _normal(rng, (h,), 0.1).astype(np.float32)).astype(BF16),
+            p + "post_attention_layernorm.weight": (1 + _normal(rng, (h,), 0.1).astype(np.float32)).astype(BF16),
+            p + "self_attn.q_proj.weight": _normal(rng, (h, h), 0.05),
+            p + "self_attn.k_proj.weight": _normal(rng, (kv, h), 0.05),
+            p + "self_attn.v_proj.weight": _normal(rng, (kv, h), 0.05),
+            p + "self_attn.o_proj.weight": _normal(rng, (h, h), 0.05),
+            p + "mlp.gate_proj.weight": _normal(rng, (i, h), 0.05),
+            p + "mlp.up_proj.weight": _normal(rng, (i, h), 0.05),
+            p + "mlp.down_proj.weight": _normal(rng, (h, i), 0.05),
+        })
+    _write(path, t, cfg)
+    byte_level_tokenizer(path)
+    return path
+
+
+def kimi_k2_config(*, hidden=128, intermediate=256, moe_intermediate=64, layers=3, experts=16, top_k=2,
+                   heads=4, q_lora=64, kv_lora=32, nope=32, rope=16, v_head=32, vocab=259,
+                   first_dense=1, n_group=1, topk_group=1) -> dict:
+    """A Kimi-K2 config.json (real keys, including those vLLM/SGLang need), resized."""
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                     "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+        "model_type": "kimi_k2", "aux_loss_alpha": 0.001, "bos_token_id": 256, "eos_token_id": 257,
+        "ep_size": 1, "first_k_dense_replace": first_dense, "hidden_act": "silu", "hidden_size": hidden,
+        "initializer_range": 0.02, "intermediate_size": intermediate, "kv_lora_rank": kv_lora,
+        "max_position_embeddings": 262144, "moe_intermediate_size": moe_intermediate, "moe_layer_freq": 1,
+        "n_group": n_group, "n_routed_experts": experts, "n_shared_experts": 1, "norm_topk_prob": True,
+        "num_attention_heads": heads, "num_experts_per_tok": top_k, "num_hidden_layers": layers,
+        "num_key_value_heads": heads, "num_nextn_predict_layers": 0, "pretraining_tp": 1,
+        "q_lora_rank": q_lora, "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "rms_norm_eps": 1e-6,
+        "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 64.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "scoring_func": "sigmoid", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": topk_group, "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16", "use_cache": True, "v_head_dim": v_head, "vocab_size": vocab,
+        "quantization_config": {
+            "config_groups": {"group_0": {
+                "input_activations": None, "output_activations": None, "targets": ["Linear"],
+                "weights": {"actorder": None, "block_structure": None, "dynamic": False,
+                            "group_size": INT4_GROUP, "num_bits": 4, "observer": "minmax",
+                            "observer_kwargs": {}, "strategy": "group", "symmetric": True, "type": "int"}}},
+            "format": "pack-quantized",
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                       "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+            "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+        },
+    }
+
+
+def build_kimi_k2(path, cfg: dict, seed: int = 0, std: float = 0.02) -> Path:
+    """Write a DeepSeek-V3/Kimi-K2 checkpoint for ``cfg`` with seeded random weights; routed
+    experts as INT4 pack-quantized, everything else bf16."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    heads, nope, rope, vh = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    ql, kvl = cfg["q_lora_rank"], cfg["kv_lora_rank"]
+    mi, di, ne = cfg["moe_intermediate_size"], cfg["intermediate_size"], cfg["n_routed_experts"]
+    t = {"model.embed_tokens.weight": _normal(rng, (v, h), 1.0), "model.norm.weight": np.ones(h, BF16),
+         "lm_head.weight": _normal(rng, (v, h), std)}
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        norm = lambda n: (1 + _normal(rng, (n,), 0.1).astype(np.float32)).astype(BF16)  # noqa: E731
+        t.update({
+            p + "input_layernorm.weight": norm(h), p + "post_attention_layernorm.weight": norm(h),
+            p + "self_attn.q_a_proj.weight": _normal(rng, (ql, h), std),
+            p + "self_attn.q_a_layernorm.weight": norm(ql),
+            p + "self_attn.q_b_proj.weight": _normal(rng, (heads * (nope + rope), ql), std),
+            p + "self_attn.kv_a_proj_with_mqa.weight": _normal(rng, (kvl + rope, h), std),
+            p + "self_attn.kv_a_layernorm.weight": norm(kvl),
+            p + "self_attn.kv_b_proj.weight": _normal(rng, (heads * (nope + vh), kvl), std),
+            p + "self_attn.o_proj.weight": _normal(rng, (h, heads * vh), std),
+        })
+        if l < cfg["first_k_dense_replace"]:
+            for name, shape in (("gate_proj", (di, h)), ("up_proj", (di, h)), ("down_proj", (h, di))):
+                t[p + f"mlp.{name}.weight"] = _normal(rng, shape, std)
+            continue
+        t[p + "mlp.gate.weight"] = _normal(rng, (ne, h), std * 4)
+        t[p + "mlp.gate.e_score_correction_bias"] = (rng.standard_normal(ne, dtype=np.float32) * 0.01).astype(np.float32)
+        si = mi * cfg["n_shared_experts"]
+        for name, shape in (("gate_proj", (si, h)), ("up_proj", (si, h)), ("down_proj", (h, si))):
+            t[p + f"mlp.shared_experts.{name}.weight"] = _normal(rng, shape, std)
+        for e in range(ne):
+            for name, shape in (("gate_proj", (mi, h)), ("up_proj", (mi, h)), ("down_proj", (h, mi))):
+                for part, arr in int4_pack(_normal(rng, shape, std)).items():
+                    t[p + f"mlp.experts.{e}.{name}.{part}"] = arr
+    _write(path, t, cfg)
+    byte_level_tokenizer(path)
+    return path
+
+
+def build_kimi_k2_tiny(path, seed: int = 0) -> Path:
+    return build_kimi_k2(path, kimi_k2_config(), seed)
+
+
+def build_kimi_k2_shaped(path, layers: int = 2, experts: int = 16, seed: int = 0, vocab: int = 4096) -> Path:
+    """Kimi-K2's real per-layer tensor sizes; ``layers`` = 1 dense + (layers-1) MoE when > 1."""
+    cfg = kimi_k2_config(hidden=7168, intermediate=18432, moe_intermediate=2048, layers=layers,
+                         experts=experts, top_k=min(8, experts), heads=64, q_lora=1536, kv_lora=512,
+                         nope=128, rope=64, v_head=128, vocab=vocab, first_dense=1 if layers > 1 else 0)
+    return build_kimi_k2(path, cfg, seed)
+
+
+EXAMPLES = {"llama-tiny": build_llama_tiny, "kimi-k2-tiny": build_kimi_k2_tiny}
