@@ -165,7 +165,7 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
     hidden = []
     if calibrated:
         t = time.perf_counter()
-        embed_params = reader.get_many([n for n in other_names if "embed" in n], dtype)
+        embed_params = reader.get_many(family.embed_param_names(names), dtype)
         phase["read"] += time.perf_counter() - t
         t = time.perf_counter()
         hidden = [family.embed(embed_params, jnp.asarray(b)) for b in _batches(samples, opt.batch_size)]
@@ -183,7 +183,10 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
             continue
         layer_names = [n for n in names if _layer_of(n) == layer]
         t = time.perf_counter()
-        params = reader.get_many(layer_names, dtype)
+        if family is not None:  # routers keep float32 where the forward needs it
+            params = family.read_layer(reader, layer, dtype=dtype, names=layer_names)
+        else:
+            params = reader.get_many(layer_names, dtype)
         phase["read"] += time.perf_counter() - t
         layer_stats = CalibStats()
         if calib_layer:

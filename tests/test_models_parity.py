@@ -1,0 +1,235 @@
+"""Flax/JAX forwards of nvfp4_jax.models against transformers' PyTorch models.
+
+Property: for tiny random checkpoints written by transformers' save_pretrained, the JAX model fed
+with the checkpoint's tensors (checkpoint names, per-expert layout) reproduces the PyTorch logits
+(float32: max |diff| <= 1e-4 * logit range), the same top-k experts per token in every MoE layer,
+and the calibration statistics an independent torch observation gives (forward hooks on every
+nn.Linear input; per-expert input amax and token counts derived from torch's own routing).
+bf16 figures are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+from tests import model_fixtures as mf  # noqa: E402
+from nvfp4_jax.models import ModelConfigError, get_family  # noqa: E402
+
+BATCH, SEQ = 2, 16
+
+MAKERS = {
+    "llama": mf.make_llama,
+    "qwen2": mf.make_qwen2,
+    "qwen3": mf.make_qwen3,
+    "qwen3_moe": mf.make_qwen3_moe,
+    "deepseek_v3": mf.make_deepseek_v3,
+    # transformers maps per-expert checkpoint names to its fused experts by model_type, so torch
+    # reads this one as deepseek_v3; the JAX side sees model_type kimi_k2 (JAX_CONFIG_OVERRIDES)
+    "kimi_k2_no_q_lora": lambda p: mf.make_deepseek_v3(p, seed=5, q_lora_rank=None),
+}
+JAX_CONFIG_OVERRIDES = {"kimi_k2_no_q_lora": {"model_type": "kimi_k2"}}
+BF16_CASES = ["qwen3", "qwen3_moe", "deepseek_v3"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = MAKERS[case](tmp_path_factory.mktemp(case))
+        return cache[case]
+
+    return get
+
+
+def _input_ids():
+    return np.random.RandomState(0).randint(0, mf.VOCAB, size=(BATCH, SEQ)).astype(np.int32)
+
+
+def _torch_model(path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    return model.eval()
+
+
+def _torch_run(path, dtype):
+    """Torch logits plus what hooks observe: input amax of every nn.Linear of the decoder layers,
+    routing (sorted top-k ids) per MoE layer, and the routed experts' inputs."""
+    model = _torch_model(path, dtype)
+    linear_amax, routing, expert_inputs, handles = {}, {}, {}, []
+    for name, mod in model.named_modules():
+        if not name.startswith("model.layers."):
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            def pre(m, args, name=name):
+                linear_amax[name] = float(args[0].detach().abs().max().float())
+            handles.append(mod.register_forward_pre_hook(pre))
+        elif name.endswith(".mlp.gate") and not isinstance(mod, torch.nn.Linear):
+            def post(m, args, out, name=name):
+                routing[name.rsplit(".mlp.gate", 1)[0]] = np.sort(out[2].detach().numpy(), axis=-1)
+            handles.append(mod.register_forward_hook(post))
+        elif name.endswith(".mlp.experts"):
+            def pre_e(m, args, name=name):
+                expert_inputs[name] = (m, args[0].detach(), args[1].detach())
+            handles.append(mod.register_forward_pre_hook(pre_e))
+    with torch.no_grad():
+        logits = model(torch.tensor(_input_ids(), dtype=torch.long)).logits.float().numpy()
+    for h in handles:
+        h.remove()
+    return logits, linear_amax, routing, expert_inputs
+
+
+def _expert_reference(module, x, top_k_index):
+    """Per-expert token counts and input amax computed in torch from torch's routing."""
+    n = module.num_experts
+    counts = np.zeros(n, np.int64)
+    gu_amax = np.zeros(n, np.float32)
+    down_amax = np.zeros(n, np.float32)
+    with torch.no_grad():
+        for e in range(n):
+            rows = (top_k_index == e).any(dim=-1)
+            counts[e] = int((top_k_index == e).sum())
+            if not rows.any():
+                continue
+            xe = x[rows]
+            gu_amax[e] = float(xe.abs().max())
+            gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+            down_amax[e] = float((module.act_fn(gate) * up).abs().max())
+    return counts, gu_amax, down_amax
+
+
+def _jax_run(path, dtype, case=None, **kw):
+    config = {**mf.read_config(path), **JAX_CONFIG_OVERRIDES.get(case, {})}
+    family = get_family(config)
+    params = mf.load_params(path, family, dtype)
+    logits, stats = family.forward(params, _input_ids(), dtype=dtype, return_routing=True, **kw)
+    return family, np.asarray(logits.astype(jnp.float32)), stats
+
+
+@pytest.mark.parametrize("case", list(MAKERS))
+def test_float32_logits_routing_and_amax_match_transformers(case, checkpoints):
+    path = checkpoints(case)
+    ref, linear_amax, routing, expert_inputs = _torch_run(path, torch.float32)
+    family, logits, stats = _jax_run(path, jnp.float32, case)
+
+    diff = float(np.abs(logits - ref).max())
+    span = float(ref.max() - ref.min())
+    print(f"\n[{case}] float32 max|dlogit| = {diff:.3e}, logit range {span:.3f}, ratio {diff / span:.2e}")
+    assert diff <= 1e-4 * span
+
+    # every non-routed linear is observed, with torch's value
+    ours = {k: float(v) for s in stats for k, v in s["input_amax"].items()}
+    assert set(ours) == set(linear_amax)
+    for name, value in linear_amax.items():
+        np.testing.assert_allclose(ours[name], value, rtol=1e-5, err_msg=name)
+
+    moe_layers = [l for l in range(family.num_layers()) if family.is_moe_layer(l)]
+    assert sorted(routing) == [f"model.layers.{l}" for l in moe_layers]
+    for l in moe_layers:
+        es = stats[l]["experts"]
+        assert es["prefix"] == f"model.layers.{l}.mlp.experts"
+        np.testing.assert_array_equal(np.asarray(es["topk_ids"]), routing[f"model.layers.{l}"],
+                                      err_msg=f"routing of layer {l}")
+        module, x, idx = expert_inputs[f"model.layers.{l}.mlp.experts"]
+        counts, gu_amax, down_amax = _expert_reference(module, x, idx)
+        np.testing.assert_array_equal(np.asarray(es["tokens_per_expert"]), counts)
+        np.testing.assert_allclose(np.asarray(es["gate_up_input_amax"]), gu_amax, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(es["down_input_amax"]), down_amax, rtol=1e-5)
+    for l in range(family.num_layers()):
+        if l not in moe_layers:
+            assert stats[l]["experts"] is None
+
+
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_bfloat16_parity_figures(case, checkpoints):
+    """bf16: whole-model figures are printed; each layer fed with torch's own input hidden state
+    must give torch's output within a few bf16 ulps (a whole-model run can flip a near-tie routing
+    decision, which then moves that token's logits a lot, so it is only reported)."""
+    path = checkpoints(case)
+    model = _torch_model(path, torch.bfloat16)
+    routing, handles = {}, []
+    for name, mod in model.named_modules():
+        if name.endswith(".mlp.gate") and not isinstance(mod, torch.nn.Linear):
+            def post(m, args, out, name=name):
+                routing[int(name.split(".")[2])] = np.sort(out[2].detach().numpy(), axis=-1)
+            handles.append(mod.register_forward_hook(post))
+    with torch.no_grad():
+        out = model(torch.tensor(_input_ids(), dtype=torch.long), output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    ref = out.logits.float().numpy()
+    torch_hidden = [h.float().numpy() for h in out.hidden_states]
+
+    family, logits, stats = _jax_run(path, jnp.bfloat16, case)
+    diff = float(np.abs(logits - ref).max())
+    span = float(ref.max() - ref.min())
+    differing = sum(int((np.asarray(stats[l]["experts"]["topk_ids"]) != ids).any(-1).sum())
+                    for l, ids in routing.items())
+    total = sum(v.shape[0] for v in routing.values())
+
+    params = mf.load_params(path, family, jnp.bfloat16)
+    worst_layer = 0.0
+    for layer in range(family.num_layers() - 1):  # the last hidden_states entry is after the final norm
+        h_in = jnp.asarray(torch_hidden[layer]).astype(jnp.bfloat16)
+        h_out, _ = family.layer_forward(layer, params, h_in, dtype=jnp.bfloat16)
+        expect = torch_hidden[layer + 1]
+        rel = float(np.abs(np.asarray(h_out.astype(jnp.float32)) - expect).max() / np.abs(expect).max())
+        worst_layer = max(worst_layer, rel)
+    print(f"\n[{case}] bf16 max|dlogit| = {diff:.3e}, logit range {span:.3f}, ratio {diff / span:.2e}; "
+          f"tokens routed differently {differing}/{total}; worst layer-local diff {worst_layer:.2e} of max|h|")
+    assert worst_layer <= 2e-2
+    if differing == 0:
+        assert diff <= 2e-2 * span
+    assert differing <= 0.05 * max(total, 1)
+
+
+def test_expert_chunking_gives_the_same_layer(checkpoints):
+    """Stacking experts a few at a time (memory bound) changes nothing."""
+    path = checkpoints("deepseek_v3")
+    family = get_family(mf.read_config(path))
+    params = mf.load_params(path, family, jnp.float32)
+    hidden = family.embed(params, _input_ids(), dtype=jnp.float32)
+    whole, s1 = family.layer_forward(1, params, hidden, dtype=jnp.float32)
+    chunked, s2 = family.layer_forward(1, params, hidden, dtype=jnp.float32, expert_chunk_size=3)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    for key in ("gate_up_input_amax", "down_input_amax", "tokens_per_expert"):
+        np.testing.assert_array_equal(np.asarray(s2["experts"][key]), np.asarray(s1["experts"][key]))
+
+
+def test_layer_names_split_the_checkpoint():
+    config = {"model_type": "kimi_k2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 8,
+              "num_attention_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+              "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}
+    family = get_family(config)
+    assert family.name == "deepseek_v3"
+    assert [family.is_moe_layer(l) for l in range(2)] == [False, True]
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+             "model.layers.0.self_attn.q_a_proj.weight", "model.layers.1.mlp.experts.3.up_proj.weight",
+             "model.layers.10.mlp.gate.weight", "model.layers.2.eh_proj.weight"]
+    assert family.layer_param_names(1, names) == ["model.layers.1.mlp.experts.3.up_proj.weight"]
+    assert family.layer_param_names(0, names) == ["model.layers.0.self_attn.q_a_proj.weight"]
+    assert family.non_layer_names(names) == ["model.embed_tokens.weight", "model.norm.weight",
+                                             "lm_head.weight", "model.layers.10.mlp.gate.weight",
+                                             "model.layers.2.eh_proj.weight"]
+    assert family.param_dtype("model.layers.1.mlp.gate.weight") == jnp.float32
+    assert any("scoring_func" in f for f in family.config_findings())
+
+
+@pytest.mark.parametrize("bad", [
+    {"model_type": "gpt2"},
+    {"model_type": "deepseek_v3", "scoring_func": "softmax"},
+    {"model_type": "llama", "rope_parameters": {"rope_type": "longrope"}},
+])
+def test_unsupported_configs_are_refused(bad):
+    config = {"hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 8, "num_attention_heads": 4,
+              "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, **bad}
+    with pytest.raises(ModelConfigError):
+        get_family(config)
