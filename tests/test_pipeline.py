@@ -1,0 +1,260 @@
+"""End-to-end conversion: golden ModelOpt bytes, the Kimi INT4 path, MoE coverage, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from nvfp4_jax import examples
+from nvfp4_jax.checkpoint.safetensors_io import FileCache, read_header
+from nvfp4_jax.pipeline import ConversionError, ConvertOptions, convert
+from nvfp4_jax.verify import verify
+from tests.paths import TINY_LLAMA
+from torch_bridge import reference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_dir(d) -> dict[str, np.ndarray]:
+    out, fc = {}, FileCache()
+    for f in sorted(Path(d).glob("*.safetensors")):
+        entries, _ = read_header(f)
+        for k, e in entries.items():
+            out[k] = np.array(fc.read(e))
+    fc.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def golden_conversion(tmp_path_factory):
+    out = tmp_path_factory.mktemp("golden") / "out"
+    tokens = json.loads((TINY_LLAMA / "calib_tokens.json").read_text())["input_ids"]
+    report = convert(TINY_LLAMA / "source", out, ConvertOptions(calib_tokens=tokens, preset="all", progress=False))
+    return out, report
+
+
+def test_golden_weights_byte_identical(golden_conversion):
+    out, _ = golden_conversion
+    ours, ref = load_dir(out), load_dir(TINY_LLAMA / "modelopt_nvfp4")
+    assert sorted(ours) == sorted(ref)
+    for name, r in ref.items():
+        if name.endswith("input_scale"):
+            continue
+        assert ours[name].dtype == r.dtype and ours[name].shape == r.shape, name
+        assert ours[name].tobytes() == r.tobytes(), name
+
+
+def test_golden_input_scales_within_1e2(golden_conversion):
+    out, _ = golden_conversion
+    ours, ref = load_dir(out), load_dir(TINY_LLAMA / "modelopt_nvfp4")
+    rel = {n: abs(float(ours[n]) - float(r)) / float(r) for n, r in ref.items() if n.endswith("input_scale")}
+    worst = max(rel, key=rel.get)
+    print(f"largest input_scale relative difference: {rel[worst]:.4g} ({worst})")
+    assert len(rel) == 14 and rel[worst] <= 1e-2
+
+
+def test_golden_configs_agree_apart_from_producer_version(golden_conversion):
+    out, _ = golden_conversion
+
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k != "version"}
+        return d
+
+    for name in ("config.json", "hf_quant_config.json"):
+        ours = json.loads((out / name).read_text())
+        ref = json.loads((TINY_LLAMA / "modelopt_nvfp4" / name).read_text())
+        assert strip(ours) == strip(ref), name
+        assert ours != ref  # the producer version is ours, not ModelOpt's
+    assert (out / "generation_config.json").exists()
+    assert verify(out) == []
+
+
+@pytest.fixture(scope="module")
+def kimi(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kimi")
+    src = examples.build_kimi_k2_tiny(d / "src", seed=3)
+    return src
+
+
+def _ct_decoded(src) -> dict[str, torch.Tensor]:
+    from compressed_tensors.entrypoints.convert.converters import CompressedTensorsDequantizer
+    from safetensors.torch import load_file
+
+    return CompressedTensorsDequantizer(src, dtype=torch.bfloat16).process(dict(load_file(src / "model.safetensors")))
+
+
+def test_kimi_int4_experts_match_independent_quantization(kimi, tmp_path):
+    """Every routed expert: the bytes of quantizing the compressed-tensors-decoded bf16 weight
+    (torch_bridge, independent of the JAX path), gate/up with their shared amax."""
+    tokens = examples.calibration_samples(kimi / "tokenizer.json", 8, 32)
+    out = tmp_path / "out"
+    report = convert(kimi, out, ConvertOptions(calib_tokens=tokens, progress=False))
+    assert report["preset"] == "mlp_only"
+    decoded = _ct_decoded(kimi)
+    ours = load_dir(out)
+    n_checked = 0
+    for layer in (1, 2):
+        for e in range(16):
+            p = f"model.layers.{layer}.mlp.experts.{e}."
+            g, u = decoded[p + "gate_proj.weight"], decoded[p + "up_proj.weight"]
+            group_amax = torch.maximum(g.float().abs().max(), u.float().abs().max())
+            for proj, w, amax in (("gate_proj", g, group_amax), ("up_proj", u, group_amax),
+                                  ("down_proj", decoded[p + "down_proj.weight"], None)):
+                ref = reference.quantize(w, amax)
+                assert ours[p + proj + ".weight"].tobytes() == ref["weight"].numpy().tobytes(), p + proj
+                assert ours[p + proj + ".weight_scale"].tobytes() == ref["weight_scale"].view(torch.uint8).numpy().tobytes()
+                assert ours[p + proj + ".weight_scale_2"].tobytes() == ref["weight_scale_2"].numpy().tobytes()
+                n_checked += 1
+    assert n_checked == 96
+    # no INT4 leftovers; attention stays bf16 under mlp_only; routers stay
+    assert not any(k.endswith(("weight_packed", "weight_shape")) for k in ours)
+    assert ours["model.layers.1.self_attn.q_a_proj.weight"].dtype == ml_dtypes.bfloat16
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in ours
+    assert verify(out) == []
+
+
+def test_moe_coverage_with_tiny_calibration(kimi, tmp_path):
+    """Two short samples cannot reach all 16 experts: the run succeeds, every expert has its four
+    tensors, fused groups share scales and the back-filled input scales equal an independent
+    computation (torch_bridge calibration of the same model and tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from torch_bridge.calibration import calibrate
+
+    tokens = [examples.calibration_samples(kimi / "tokenizer.json", 1, 3)[0]]
+    out = tmp_path / "out"
+    report = convert(kimi, out, ConvertOptions(calib_tokens=tokens, progress=False, compute_dtype="float32"))
+    without = report["experts_without_tokens"]
+    assert set(without) == {"model.layers.1", "model.layers.2"}
+    assert all(v > 0 for v in without.values()), without  # 3 tokens x top-2 < 16 experts
+    ours = load_dir(out)
+    for layer in (1, 2):
+        cov = report["moe_coverage"][f"model.layers.{layer}"]
+        assert cov["tokens_total"] == 3 * 2 and cov["experts_without_tokens"] == without[f"model.layers.{layer}"]
+        for e in range(16):
+            p = f"model.layers.{layer}.mlp.experts.{e}."
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for t in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+                    assert p + f"{proj}.{t}" in ours
+            assert ours[p + "gate_proj.weight_scale_2"] == ours[p + "up_proj.weight_scale_2"]
+            assert ours[p + "gate_proj.input_scale"] == ours[p + "up_proj.input_scale"]
+
+    # independent: torch model (transformers DeepseekV3, float32) with torch_bridge hooks
+    cfg = json.loads((kimi / "config.json").read_text())
+    tdir = tmp_path / "as_deepseek"
+    tdir.mkdir()
+    cfg_t = dict(cfg, model_type="deepseek_v3")
+    cfg_t.pop("quantization_config")
+    cfg_t.pop("auto_map")
+    (tdir / "config.json").write_text(json.dumps(cfg_t))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in _ct_decoded(kimi).items()}, str(tdir / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(tdir, dtype=torch.float32)
+    stats = calibrate(model, [torch.tensor(tokens)])
+    for layer in (1, 2):
+        ex = stats["experts"][f"model.layers.{layer}.mlp.experts"]
+        counts = np.asarray(ex["tokens_per_expert"])
+        assert int((counts == 0).sum()) == without[f"model.layers.{layer}"]
+        seen = counts > 0
+        gate_up_max = np.float32(np.asarray(ex["gate_up_input_amax"])[seen].max())
+        down_max = np.float32(np.asarray(ex["down_input_amax"])[seen].max())
+        for e in range(16):  # layer-max policy: every expert gets the layer max, per projection
+            p = f"model.layers.{layer}.mlp.experts.{e}."
+            np.testing.assert_allclose(float(ours[p + "gate_proj.input_scale"]), gate_up_max / np.float32(2688), rtol=1e-5)
+            np.testing.assert_allclose(float(ours[p + "down_proj.input_scale"]), down_max / np.float32(2688), rtol=1e-5)
+    assert verify(out) == []
+
+
+def test_per_expert_policy_keeps_own_amax(kimi, tmp_path):
+    tokens = examples.calibration_samples(kimi / "tokenizer.json", 2, 16)
+    out = tmp_path / "out"
+    convert(kimi, out, ConvertOptions(calib_tokens=tokens, progress=False, moe_policy="per-expert"))
+    ours = load_dir(out)
+    scales = {float(ours[f"model.layers.1.mlp.experts.{e}.down_proj.input_scale"]) for e in range(16)}
+    assert len(scales) > 1  # experts keep their own amax
+
+
+def test_calibration_free_run_is_recorded(kimi, tmp_path):
+    out = tmp_path / "out"
+    convert(kimi, out, ConvertOptions(input_scale_constant=1.0, progress=False, preset="experts_only"))
+    ours = load_dir(out)
+    assert float(ours["model.layers.2.mlp.experts.5.up_proj.input_scale"]) == 1.0
+    cfg = json.loads((out / "config.json").read_text())
+    assert "calibration-free" in cfg["quantization_config"]["producer"]["calibration"]
+    assert "model.layers.0.mlp.gate_proj.input_scale" not in ours  # experts_only: dense MLP stays bf16
+
+
+def test_no_calibration_data_is_an_error(kimi, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        convert(kimi, tmp_path / "out", ConvertOptions(progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_refused_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        convert(TINY_LLAMA / "source", out, ConvertOptions(input_scale_constant=1.0, progress=False))
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "nvfp4_jax.cli", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path):
+    """Kill a conversion after its first finished layer, resume it, compare with a clean run."""
+    src = examples.build_kimi_k2_tiny(tmp_path / "src", seed=5)
+    tok = tmp_path / "tokens.json"
+    tok.write_text(json.dumps({"input_ids": examples.calibration_samples(src / "tokenizer.json", 4, 32)}))
+    args = ["convert", src, None, "--calib-tokens", tok, "--shard-size", "300000", "--quiet"]
+
+    clean = tmp_path / "clean"
+    p = _cli(*[clean if a is None else a for a in args])
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+
+    out = tmp_path / "out"
+    p = _cli(*[out if a is None else a for a in args])
+    manifest = Path(str(out) + ".partial") / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if manifest.exists() and '"layer.0"' in manifest.read_text():
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not out.exists(), "a killed run must never leave OUT"
+    assert Path(str(out) + ".partial").exists()
+
+    p = _cli(*[out if a is None else a for a in args], "--resume")
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+    files = sorted(f.name for f in clean.iterdir() if f.name != "nvfp4_report.json")
+    assert files == sorted(f.name for f in out.iterdir() if f.name != "nvfp4_report.json")
+    assert sum(f.endswith(".safetensors") for f in files) > 1  # several shards
+    for f in files:
+        assert (clean / f).read_bytes() == (out / f).read_bytes(), f
+
+
+def test_nan_in_source_weight_names_the_tensor(tmp_path):
+    src = examples.build_llama_tiny(tmp_path / "src")
+    from nvfp4_jax.checkpoint.safetensors_io import save_file
+
+    t = load_dir(src)
+    w = t["model.layers.1.mlp.up_proj.weight"].astype(np.float32)
+    w[3, 5] = np.nan
+    t["model.layers.1.mlp.up_proj.weight"] = w.astype(ml_dtypes.bfloat16)
+    save_file(src / "model.safetensors", t)
+    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        convert(src, tmp_path / "out", ConvertOptions(input_scale_constant=1.0, progress=False))
+    assert not (tmp_path / "out").exists()
