@@ -13,6 +13,13 @@ Parameters live in plain dicts keyed by checkpoint tensor names with the layer p
 ("self_attn.q_proj.weight"), so every layer of one kind has the same pytree structure and a
 jitted layer function compiles once per kind. Optional tensors (biases, q/k norms) are detected by
 their presence in that dict, which is static under jit.
+
+Evaluation hook (nvfp4_jax.evaluate): a linear's input is NVFP4 fake-quantized, as a serving
+engine quantizes it (tensor scale from the checkpoint's input_scale, dynamic per-block scales),
+when the layer dict holds "<module>.input_amax" (f32[] = input_scale * 2688) for a non-routed
+linear, or "mlp.experts.{e}.{gate,up,down}_proj.input_amax" for every routed expert. Without
+these keys (calibration, parity tests) nothing changes; the recorded stats are always the amax of
+the unquantized input.
 """
 
 from __future__ import annotations
@@ -100,9 +107,26 @@ def get_param(p: Params, name: str) -> jax.Array:
         ) from None
 
 
+def input_fake_quant_rows(x: jax.Array, row_amax: jax.Array) -> jax.Array:
+    """NVFP4 fake quant of x [R, K] with one tensor amax per row (routed experts: the amax of the
+    expert each row goes to) and dynamic per-block scales; result in x's dtype."""
+    from nvfp4_jax import numerics
+
+    t = numerics.quantize(x[:, None, :], row_amax.astype(jnp.float32), check=False)
+    return numerics.dequantize(t, jnp.float32)[:, 0, :].astype(x.dtype)
+
+
 def proj(p: Params, module: str, x: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
-    """Apply the Linear `module` (local name without ".weight") and record its input amax."""
+    """Apply the Linear `module` (local name without ".weight") and record its input amax.
+
+    With p[module + ".input_amax"] present, the input is NVFP4 fake-quantized first (evaluation
+    hook, see the module docstring)."""
     stats[module] = amax(x)
+    in_amax = p.get(module + ".input_amax")
+    if in_amax is not None:
+        from nvfp4_jax import numerics
+
+        x = numerics.fake_quant(x, in_amax)
     return linear(x, get_param(p, module + ".weight"), p.get(module + ".bias"))
 
 
@@ -329,9 +353,12 @@ def _stack_experts(gate: Sequence[jax.Array], up: Sequence[jax.Array], down: Seq
     return gu, dn
 
 
-def experts_chunk(x_sorted, expert_sorted, group_sizes, start, gate, up, down, *, act_name: str):
+def experts_chunk(x_sorted, expert_sorted, group_sizes, start, gate, up, down, *, act_name: str,
+                  gate_up_in_amax=None, down_in_amax=None):
     """Run experts [start, start+C) on their rows of the expert-sorted assignments.
 
+    gate_up_in_amax / down_in_amax (f32 [C], optional evaluation hook): fake-quantize each row's
+    gate/up resp. down input with its expert's input amax.
     Returns (y_sorted [T*k, H] with zeros outside the chunk's rows, down_input_amax f32 [C]).
     """
     dtype = x_sorted.dtype
@@ -342,13 +369,19 @@ def experts_chunk(x_sorted, expert_sorted, group_sizes, start, gate, up, down, *
     before = jnp.sum(jnp.where(jnp.arange(num_experts) < start, group_sizes, 0)).astype(jnp.int32)
     chunk_sizes = jax.lax.dynamic_slice(group_sizes, (start,), (c,))
     sizes = jnp.concatenate([before[None], chunk_sizes]).astype(jnp.int32)
-    gu = jax.lax.ragged_dot(x_sorted, gu_w, sizes, preferred_element_type=jnp.float32).astype(dtype)
+    local = expert_sorted - start  # out-of-chunk ids fall outside [0, C) and are dropped
+    row_expert = jnp.clip(local, 0, c - 1)  # rows outside the chunk: any amax, their output is unused
+    x_in = x_sorted
+    if gate_up_in_amax is not None:
+        x_in = input_fake_quant_rows(x_sorted, gate_up_in_amax[row_expert])
+    gu = jax.lax.ragged_dot(x_in, gu_w, sizes, preferred_element_type=jnp.float32).astype(dtype)
     inter = gu.shape[-1] // 2
     h = act(gu[:, :inter]) * gu[:, inter:]
     row_amax = jnp.max(jnp.abs(h), axis=-1).astype(jnp.float32)
-    local = expert_sorted - start  # out-of-chunk ids fall outside [0, C) and are dropped
     down_amax = jax.ops.segment_max(row_amax, local, num_segments=c, indices_are_sorted=True)
     down_amax = jnp.where(chunk_sizes > 0, down_amax, 0.0).astype(jnp.float32)
+    if down_in_amax is not None:
+        h = input_fake_quant_rows(h, down_in_amax[row_expert])
     y = jax.lax.ragged_dot(h, dn_w, sizes, preferred_element_type=jnp.float32).astype(dtype)
     return y, down_amax
 
@@ -585,6 +618,7 @@ class Family:
                         "(routed experts must be given per expert, checkpoint layout)")
                 lst.append(experts[key])
             lists[proj_name] = lst
+        in_amax = self._expert_input_amax(names, experts)
         (h_resid, topk_ids, topk_w, shared_out, stats, x_sorted, expert_sorted, order,
          group_sizes, gu_amax) = _moe_pre_jit(type(self)._moe_pre, self.spec, rest, hidden, window)
         chunk = expert_chunk_size or _auto_chunk(lists, num_experts)
@@ -592,10 +626,12 @@ class Family:
         down_amax = []
         for start in range(0, num_experts, chunk):
             stop = min(start + chunk, num_experts)
+            hook = {} if in_amax is None else {"gate_up_in_amax": in_amax[0][start:stop],
+                                               "down_in_amax": in_amax[1][start:stop]}
             y, d = _experts_chunk_jit(
                 x_sorted, expert_sorted, group_sizes, jnp.int32(start),
                 lists["gate_proj"][start:stop], lists["up_proj"][start:stop],
-                lists["down_proj"][start:stop], act_name=self.spec.act)
+                lists["down_proj"][start:stop], act_name=self.spec.act, **hook)
             y_sorted = y if y_sorted is None else y_sorted + y
             down_amax.append(d)
         out = _moe_post_jit(h_resid, y_sorted, order, topk_ids, topk_w, shared_out)
@@ -608,6 +644,25 @@ class Family:
         if return_routing:
             expert_stats["topk_ids"] = jnp.sort(topk_ids, axis=-1).astype(jnp.int32)
         return out, {"input_amax": {prefix + k: v for k, v in stats.items()}, "experts": expert_stats}
+
+    @staticmethod
+    def _expert_input_amax(names: ExpertNames, experts: Params):
+        """Evaluation hook: (gate/up input amax f32 [E], down input amax f32 [E]) when the routed
+        experts carry "mlp.experts.{e}.*.input_amax", else None. gate and up share one input, so
+        they get the max of their two amaxes (equal in a checkpoint that unifies fused groups)."""
+        key = "mlp.experts.{}.{}.input_amax"
+        present = [key.format(e, pn) in experts for e in range(names.num_experts)
+                   for pn in ("gate_proj", "up_proj", "down_proj")]
+        if not any(present):
+            return None
+        if not all(present):
+            raise ModelConfigError(
+                f"input_amax is given for some but not all routed experts of {names.prefix}")
+        gu = jnp.stack([jnp.maximum(experts[key.format(e, "gate_proj")], experts[key.format(e, "up_proj")])
+                        for e in range(names.num_experts)]).astype(jnp.float32)
+        dn = jnp.stack([experts[key.format(e, "down_proj")]
+                        for e in range(names.num_experts)]).astype(jnp.float32)
+        return gu, dn
 
     def forward(self, params: Params, input_ids, *, dtype=jnp.bfloat16, return_routing=False):
         """Whole model: logits [B, S, V] and the LayerStats of every layer (tests, evaluation)."""
