@@ -7,14 +7,16 @@ Bit-exactness with ModelOpt needs correctly rounded float32 divisions, and XLA d
 them: it may turn ``x / broadcast(d)`` into ``x * (1 / d)``, and GPUs may use an approximate
 division. So no result here depends on how the backend divides:
 
-* the few per-tensor and per-block divisions (``amax / 2688`` and ``block_amax / (6 * s2)``) are
-  done by :func:`_div_rn`, an integer long division that gives the IEEE round-to-nearest-even
-  float32 quotient on every backend;
-* the per-element division ``y = |w| / d`` only feeds the rounding to the E2M1 grid. An
-  approximate quotient decides every element that is not within 2^-8 (relative) of a rounding
-  threshold; for the others the comparison of the correctly rounded quotient with the threshold is
-  decided exactly from ``|w| - t * d`` computed without rounding error (see
-  :func:`_passes_threshold`).
+* the tensor scale ``amax / 2688`` is done by :func:`_div_rn`, an integer long division that gives
+  the IEEE round-to-nearest-even float32 quotient on every backend;
+* every other rounding decision (the E4M3 block scale of ``fl(block_amax / fl(6 * s2))`` and the
+  E2M1 index of ``fl(|w| / d)``) is a comparison of the input's magnitude bits with an exact
+  decision bound: the smallest float32 whose correctly rounded quotient passes a rounding
+  threshold, found from an approximate product and an exact residual test (see
+  :func:`_decision_bounds`). A block's divisor depends only on its E4M3 scale code (127 values)
+  and the tensor scale, so the bounds are tables of 127 entries per tensor, and quantizing is
+  two passes over the weight (block maxima; then compare and pack) with integer compares per
+  element (see :func:`_quantize_core`).
 """
 
 from __future__ import annotations
@@ -141,37 +143,6 @@ def _div_rn(a, b):
     return jnp.where(a == 0, 0.0, out)
 
 
-def _round_to_e4m3(s):
-    """float32 in [2^-9, 448] -> nearest E4M3FN value (ties to even), returned as float32."""
-    b = _bits(s)
-    lsb = (b >> 20) & 1
-    normal = _f32_from_bits((b + jnp.uint32(0x7FFFF) + lsb) & jnp.uint32(0xFFF00000))
-    # below 2^-6 the E4M3 grid is uniform with step 2^-9; scaling by 2^9 is exact
-    sub = jnp.round(s * _F32(512.0)) * _F32(2.0**-9)
-    return jnp.where(s < 2.0**-6, sub, normal)
-
-
-def _passes_threshold(mag, y_approx, d, t, inclusive):
-    """Whether fl(mag / d) (IEEE, round to nearest even) lies above the E2M1 threshold ``t``.
-
-    Far from ``t`` the approximate quotient decides. Near it, ``mag - t*d`` is computed exactly:
-    ``d = d_hi + d_lo`` with 12 significant bits each, so ``t*d_hi`` and ``t*d_lo`` are exact
-    (t has at most 3 significant bits); ``mag - t*d_hi`` is exact by Sterbenz's lemma and the
-    second subtraction is exact because both operands are small multiples of a common quantum.
-    fl(y) <= t  iff  y <= t + ulp(t)/2 (the tie rounds to t, which is even); fl(y) < t iff
-    y < t - ulp(t)/2 (t is never a power of two there).
-    """
-    d_hi = _f32_from_bits(_bits(d) & jnp.uint32(0xFFFFF000))
-    d_lo = d - d_hi
-    residual = (mag - _F32(t) * d_hi) - _F32(t) * d_lo  # == mag - t*d exactly
-    half_ulp = float(2.0 ** (np.floor(np.log2(t)) - 24))
-    bound = d * _F32(half_ulp)  # exact: power-of-two scaling
-    exact = residual > bound if inclusive else residual >= -bound
-    approx = y_approx > t if inclusive else y_approx >= t
-    near = jnp.abs(y_approx - _F32(t)) <= _F32(t * 2.0**-8)
-    return jnp.where(near, exact, approx)
-
-
 # ---------------------------------------------------------------------------------------------
 # public numerics
 
@@ -203,43 +174,186 @@ def unpack_fp4(packed) -> jax.Array:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def _block_scales(blocks_abs_max, scale_2):
-    """E4M3 block scales (as float32 values) from per-block amax and the tensor scale."""
-    s = _div_rn(blocks_abs_max, jnp.broadcast_to(_F32(6.0) * scale_2, blocks_abs_max.shape))
-    s = jnp.where(s == 0, _F32(1.0), s)
-    s = jnp.clip(s, _F32(FP8_MIN_SUBNORMAL), _F32(FP8_MAX))
-    return _round_to_e4m3(s)
+def _decision_bounds(d, t, inclusive):
+    """Exact decision bounds of a rounding of ``fl(m / d)``: for float32 ``d > 0`` and thresholds
+    ``t`` (float32 with at most 5 significant bits, not powers of two; ``d`` and ``t`` broadcast
+    together), the bit pattern (uint32) of the smallest float32 ``m >= 0`` for which the correctly
+    rounded (round to nearest even) quotient ``fl(m / d)`` passes ``t``: lies above it
+    (``inclusive``: a quotient equal to ``t`` stays below) or at or above it.
+
+    fl(y) > t iff y > t + ulp(t)/2 (the tie rounds to t, which is even), fl(y) >= t iff
+    y >= t - ulp(t)/2. ``c = fl(t * d)`` is within 2 float32 steps of the bound, so the bound is
+    ``c - 1 step`` plus the number of the candidates ``c - 1, c, c + 1`` (float32 steps) that fail.
+    Each candidate ``m`` is tested with ``m - t*d`` computed without rounding error: ``d = d_hi +
+    d_lo`` with 12 significant bits each, so ``t*d_hi`` and ``t*d_lo`` are exact; ``m - t*d_hi`` is
+    exact by Sterbenz's lemma (m is within 2 steps of t*d) and the second subtraction is exact
+    because both operands are small multiples of a common quantum (ulp(d) times the last bit of
+    t). Only exact float32 products, subtractions and comparisons: the result does not depend on
+    how the backend divides (and an FMA contraction of an exact product changes nothing).
+    """
+    t = np.asarray(t, np.float32)
+    half_ulp = jnp.asarray((2.0 ** (np.floor(np.log2(t)) - 24)).astype(np.float32))
+    t = jnp.asarray(t)
+    d_hi = _f32_from_bits(_bits(d) & jnp.uint32(0xFFFFF000))
+    d_lo = d - d_hi
+    td_hi = t * d_hi  # exact
+    td_lo = t * d_lo  # exact
+    bound = d * half_ulp  # d * ulp(t) / 2, exact
+    cb = _bits(t * d)
+    fails = jnp.zeros(cb.shape, jnp.uint32)
+    for k in (-1, 0, 1):
+        m = _f32_from_bits(cb + jnp.uint32(k & 0xFFFFFFFF))
+        residual = (m - td_hi) - td_lo  # == m - t*d exactly
+        ok = jnp.where(inclusive, residual > bound, residual >= -bound)
+        fails = fails + (~ok).astype(jnp.uint32)
+    return cb - jnp.uint32(1) + fails
 
 
-def _quantize_core(w, amax):
-    """w: float [..., N, K]; amax: float32 broadcastable to w.shape[:-2] -> (codes, scale_f32, s2)."""
-    wf = w.astype(_F32)
-    *lead, n, k = wf.shape
+# E4M3FN: code c (0..126, sign bit clear) -> value; the positive finite codes are 1..126 (2^-9..448)
+_E4M3_VALUES = np.arange(128, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+_E4M3_VALUES[127] = FP8_MAX  # code 127 is NaN; never produced (a placeholder for the tables)
+# boundary between codes c and c + 1 (c = 1..125): the midpoint, tie to the code with even mantissa
+_E4M3_MID = np.concatenate([[1.0], (_E4M3_VALUES[1:126] + _E4M3_VALUES[2:127]) / 2]).astype(np.float32)
+_E4M3_MID_INCLUSIVE = np.arange(1, 126) % 2 == 0  # midpoint after code c: tie goes down if c even
+_E4M3_ONE = 0x38  # code of 1.0
+
+
+def _magnitude_keys(w):
+    """(key, negative, bits) for w: ``key`` orders |w| like its value (bit pattern without the sign),
+    16-bit for bfloat16 inputs, 32-bit otherwise; ``negative`` is True for w < 0 (not for -0.0)."""
+    if w.dtype == jnp.bfloat16:
+        b = jax.lax.bitcast_convert_type(w, jnp.uint16)
+        return b & jnp.uint16(0x7FFF), b > jnp.uint16(0x8000), 16
+    b = _bits(w)
+    return b & jnp.uint32(0x7FFFFFFF), b > jnp.uint32(0x80000000), 32
+
+
+def _key_to_f32(key, nbits):
+    return _f32_from_bits(key.astype(jnp.uint32) << 16) if nbits == 16 else _f32_from_bits(key)
+
+
+def _bound_key(bound_bits, nbits):
+    """Smallest key of the input format whose value is >= the float32 bound."""
+    if nbits == 16:
+        return ((bound_bits + jnp.uint32(0xFFFF)) >> 16).astype(jnp.uint16)
+    return bound_bits
+
+
+def _materialize(x, one, integer_one):
+    """``x`` unchanged, but computed once: XLA would otherwise fuse per-block work into the
+    per-element loop and redo it for each of the 16 elements of a block (an optimization barrier is
+    expanded away before fusion). XLA does not fuse a division into a consumer that reuses its
+    elements, so ``x`` goes through an exact division by a run-time 1 (``one``: not known to the
+    compiler) of its own type."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return jax.lax.div(x, jnp.broadcast_to(integer_one.astype(x.dtype), x.shape))
+    return x / one
+
+
+def _bounds_per_block() -> bool:
+    """Layout of the per-element bounds (same bytes either way): per-block array on GPU/TPU,
+    look-ups inside the per-element loop on CPU (measured faster there). NVFP4_BOUNDS=block|inline
+    overrides."""
+    import os
+
+    mode = os.environ.get("NVFP4_BOUNDS", "")
+    if mode:
+        return mode == "block"
+    return jax.default_backend() != "cpu"
+
+
+def _quantize_core(w, amax, *, amax_from_blocks: bool = False):
+    """w: float [..., N, K]; amax: float32 broadcastable to w.shape[:-2] (or None with
+    amax_from_blocks: max |w| of the whole tensor, taken from the block maxima)
+    -> (codes uint8 [..., N, K], scale_f32 [..., N, K/16], s2).
+
+    Every step compares keys: the bit pattern of |w| without its sign, which orders magnitudes
+    (16-bit for bfloat16, 32-bit for float32), against exact decision bounds. The block scale and
+    the divisor d of a block depend only on the block's E4M3 scale code (127 values) and the
+    tensor scale, so the bounds are computed once per tensor into tables of 127 entries:
+
+    * scale: ``fp8(clamp(fl(block_amax / fl(6 * s2))))`` is decided by 125 bounds on block_amax
+      (the E4M3 midpoints times ``fl(6 * s2)``, see :func:`_decision_bounds`); an approximate
+      quotient picks the code up to one step and two table look-ups correct it;
+    * codes: for each scale code the 7 bounds on |w| for the E2M1 thresholds of ``fl(|w| / d)``
+      with ``d = fl(scale * s2)`` (SPEC section 2 step 3-4), gathered per block and compared with
+      the keys of the block's 16 elements.
+    """
+    if w.dtype not in (jnp.bfloat16, jnp.float32):
+        w = w.astype(_F32)
+    *lead, n, k = w.shape
+    key, neg, nbits = _magnitude_keys(w.reshape(*lead, n, k // BLOCK, BLOCK))
+    block_key = jnp.max(key, axis=-1)  # [..., N, K/16]: max |w| of each block, as bits
+    block_amax = _key_to_f32(block_key, nbits)
+    if amax_from_blocks:
+        amax = jnp.max(block_amax)
     scale_2 = scale_from_amax(amax)  # [...lead] or []
-    blocks = wf.reshape(*lead, n, k // BLOCK, BLOCK)
-    mag = jnp.abs(blocks)
-    s2_b = scale_2[..., None, None] if scale_2.ndim else scale_2
-    scale = _block_scales(jnp.max(mag, axis=-1), s2_b)  # [..., N, K/16] float32 (exact e4m3)
-    d_block = scale * s2_b  # the float32 product divisor of step 3, one per block
-    d = jnp.broadcast_to(d_block[..., None], mag.shape)
-    # approximate quotient (reciprocal per block): it only decides elements far from a threshold
-    y = mag * (_F32(1.0) / d_block)[..., None]
-    idx = jnp.zeros(mag.shape, jnp.uint8)
-    for t, inclusive in _THRESHOLDS:
-        idx = idx + _passes_threshold(mag, y, d, t, inclusive).astype(jnp.uint8)
-    sign = (blocks < 0).astype(jnp.uint8) << 3  # -0.0 < 0 is False: -0.0 gives code 0
-    codes = (idx | sign).reshape(*lead, n, k)
+    nlead = int(np.prod(lead)) if scale_2.ndim else 1
+    s2 = jnp.broadcast_to(scale_2, lead if scale_2.ndim else ()).reshape(nlead, 1)
+    one = (jnp.max(s2) > 0).astype(_F32)  # 1.0, not known to the compiler
+    # per-tensor tables, [L, 128] (L: one row per tensor scale)
+    six_s2 = _F32(6.0) * s2
+    mid_bounds = _decision_bounds(six_s2, _E4M3_MID, np.concatenate([[True], _E4M3_MID_INCLUSIVE]))  # [L, 126]: bound of code c + 1
+    lo = jnp.zeros((nlead, 2), jnp.uint32)  # codes 0 and 1: any block amax reaches code 1
+    hi = jnp.full((nlead, 1), 0x7F800000, jnp.uint32)  # code 127: never
+    scale_tab = jnp.concatenate([lo, mid_bounds[:, 1:], hi], axis=1)  # [L, 128]
+    ione = (one > 0).astype(jnp.int32)
+    # the tables are ascending along their last axis: sorting them changes nothing, but XLA never
+    # fuses a sort, so they are computed once rather than inside every look-up
+    scale_tab = jnp.sort(_bound_key(scale_tab, nbits), axis=-1)
+    d_tab = jnp.asarray(_E4M3_VALUES)[None, :] * s2  # [L, 128]: the divisor of step 3
+    thr = np.array([t for t, _ in _THRESHOLDS], np.float32)[:, None, None]
+    inc = np.array([i for _, i in _THRESHOLDS])[:, None, None]
+    elem_tab = _bound_key(_decision_bounds(d_tab[None], thr, inc), nbits)  # [7, L, 128]
+    elem_tab = jnp.sort(elem_tab, axis=-1)  # ascending in the scale code as well
+    # per block: approximate scale code, then the exact correction from the table
+    bk = block_key.reshape(nlead, -1)  # [L, NB]
+    q = _key_to_f32(bk, nbits) * (_F32(1.0) / six_s2)
+    q = jnp.clip(q, _F32(FP8_MIN_SUBNORMAL), _F32(FP8_MAX))
+    code = jax.lax.bitcast_convert_type(q.astype(jnp.float8_e4m3fn), jnp.uint8).astype(jnp.int32)
+    up = bk >= jnp.take_along_axis(scale_tab, code + 1, axis=1)
+    down = bk < jnp.take_along_axis(scale_tab, code, axis=1)
+    code = code + up.astype(jnp.int32) - down.astype(jnp.int32)
+    code = jnp.where(bk == 0, _E4M3_ONE, code)  # an all-zero block: s = 0 -> 1.0
+    code = _materialize(code, one, ione)
+    # per element: the 7 bounds of its block's scale code, looked up in the table (one look-up per
+    # block once the compiler hoists it out of the 16 elements)
+    code_b = code.reshape(*lead, n, k // BLOCK)
+    lead_idx = (jnp.arange(nlead, dtype=jnp.int32).reshape(*lead, 1, 1) if scale_2.ndim and lead
+                else jnp.zeros((), jnp.int32))
+    idx = jnp.zeros(key.shape, jnp.uint8)
+    if _bounds_per_block():
+        # accelerators: gather the 7 bounds once per block into an array (materialized), then a
+        # plain broadcast compare per element
+        bounds = jnp.stack([elem_tab[j][lead_idx, code_b] for j in range(len(_THRESHOLDS))])
+        bounds = _materialize(bounds, one, ione)
+        for j in range(len(_THRESHOLDS)):
+            idx = idx + (key >= bounds[j][..., None]).astype(jnp.uint8)
+    else:
+        for j in range(len(_THRESHOLDS)):
+            idx = idx + (key >= elem_tab[j][lead_idx, code_b][..., None]).astype(jnp.uint8)
+    codes = (idx | (neg.astype(jnp.uint8) << 3)).reshape(*lead, n, k)
+    scale = jax.lax.bitcast_convert_type(code.astype(jnp.uint8), jnp.float8_e4m3fn)
+    scale = scale.astype(_F32).reshape(*lead, n, k // BLOCK)
     return codes, scale, scale_2
 
 
-@jax.jit
-def _quantize_jit(w, amax):
-    codes, scale, scale_2 = _quantize_core(w, amax)
+def _pack_result(codes, scale, scale_2):
     return NVFP4Tensor(
         weight=pack_fp4(codes),
         weight_scale=scale.astype(jnp.float8_e4m3fn),
         weight_scale_2=scale_2,
     )
+
+
+@jax.jit
+def _quantize_jit(w, amax):
+    return _pack_result(*_quantize_core(w, amax))
+
+
+@jax.jit
+def _quantize_own_amax_jit(w):
+    return _pack_result(*_quantize_core(w, None, amax_from_blocks=True))
 
 
 def _is_concrete(x) -> bool:
@@ -304,8 +418,9 @@ def quantize(w, weight_amax=None, *, check: bool = True) -> NVFP4Tensor:
     w = jnp.asarray(w)
     if check:
         _check_input(w, weight_amax)
-    amax = tensor_amax(w) if weight_amax is None else jnp.asarray(weight_amax, _F32)
-    return _quantize_jit(w, amax)
+    if weight_amax is None:  # the tensor amax comes from the block maxima, in the same pass
+        return _quantize_own_amax_jit(w)
+    return _quantize_jit(w, jnp.asarray(weight_amax, _F32))
 
 
 def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> jax.Array:
