@@ -103,9 +103,16 @@ class ConversionError(RuntimeError):
 
 
 def convert(src, out, options: Optional[ConvertOptions] = None,
-            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), *, group=None) -> Optional[dict]:
     """Convert the HF checkpoint ``src`` into a ModelOpt NVFP4 checkpoint at ``out``; returns the
-    run report (also written to ``out/nvfp4_report.json``)."""
+    run report (also written to ``out/nvfp4_report.json``).
+
+    group: a :class:`nvfp4_jax.distributed.ProcessGroup` when this is one process of a multi-process
+    run: the calibration batches are split across processes and the statistics max-merged after
+    every layer; each process quantizes and writes only the tensors :func:`assign_owners` gives it,
+    at the places :func:`output_plan` fixes; process 0 writes the rest and returns the report, the
+    others return None.
+    """
     opt = options or ConvertOptions()
     t_start = time.perf_counter()
     phase = {"read": 0.0, "calibrate": 0.0, "quantize": 0.0, "write": 0.0}
@@ -152,11 +159,19 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         if vocab and max(max(s) for s in samples) >= vocab:
             raise ValueError(f"calibration token id {max(max(s) for s in samples)} >= vocab_size {vocab}")
 
-    writer = CheckpointWriter(out, shard_size=opt.shard_size, overwrite=opt.overwrite,
-                              resume=opt.resume, fmt=opt.fmt)
     layer_ids = sorted({i for i in (_layer_of(n) for n in names) if i is not None})
     n_layers = int(config.get("num_hidden_layers", len(layer_ids)))
     other_names = [n for n in names if _layer_of(n) is None]
+    owned = None  # source tensors this process quantizes and writes (None: all)
+    if group is None:
+        writer = CheckpointWriter(out, shard_size=opt.shard_size, overwrite=opt.overwrite,
+                                  resume=opt.resume, fmt=opt.fmt)
+    else:
+        plan = output_plan(reader, layer_ids, other_names, quantized, opt.fmt)
+        owners = assign_owners(plan, groups, group.num_processes)
+        owned = {n for n, p in owners.items() if p == group.process_id}
+        run = {k: v for k, v in dataclasses.asdict(opt).items() if k not in ("calib_tokens", "progress")}
+        writer = group.open_writer(out, plan, opt, fingerprint={"samples": samples, "preset": preset, "options": run})
     log(f"nvfp4-jax convert: {src} -> {out}  ({layout.family}/{layout.model_type}, {len(layer_ids)} layers, "
         f"preset {preset}, {len(quantized)} of {len(all_linear)} linears quantized, "
         f"{'calibration ' + str(len(samples)) + ' samples' if calibrated else 'input_scale constant ' + str(opt.input_scale_constant)})")
@@ -168,7 +183,10 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         embed_params = reader.get_many(family.embed_param_names(names), dtype)
         phase["read"] += time.perf_counter() - t
         t = time.perf_counter()
-        hidden = [family.embed(embed_params, jnp.asarray(b)) for b in _batches(samples, opt.batch_size)]
+        batches = _batches(samples, opt.batch_size)
+        if group is not None:  # whole batches per process: each batch's forward is the one-process one
+            batches = batches[group.process_id::group.num_processes]
+        hidden = [family.embed(embed_params, jnp.asarray(b)) for b in batches]
         del embed_params
         phase["calibrate"] += time.perf_counter() - t
 
@@ -185,8 +203,11 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         t = time.perf_counter()
         if family is not None:  # routers keep float32 where the forward needs it
             params = family.read_layer(reader, layer, dtype=dtype, names=layer_names)
-        else:
+        elif owned is None:
             params = reader.get_many(layer_names, dtype)
+        else:  # calibration-free, one of several processes: only the weights it quantizes
+            params = reader.get_many([n for n in layer_names if n in owned and n.endswith(".weight")
+                                      and n[: -len(".weight")] in quantized], dtype)
         phase["read"] += time.perf_counter() - t
         layer_stats = CalibStats()
         if calib_layer:
@@ -198,13 +219,15 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
                 new_hidden.append(h)
             hidden = new_hidden
             jax.block_until_ready(hidden)
+            if group is not None:  # max of every amax, sum of token counts, over all processes
+                layer_stats = group.allreduce_stats(unit, layer_stats)
             phase["calibrate"] += time.perf_counter() - t
             stats = stats.merge(layer_stats)
         if done:  # resumed: the forward above only advanced the calibration activations
             progress.step(f"{unit} (done)")
             continue
         info = _quantize_and_write(layer, layer_names, params, reader, writer, layout, quantized, groups,
-                                   layer_stats, opt, phase)
+                                   layer_stats, opt, phase, owned=owned)
         writer.finish_unit(unit, info)
         layer_reports.append({"layer": layer, **info})
         del params
@@ -213,14 +236,25 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
     # non-layer tensors (embeddings, final norm, lm_head): never quantized
     if not writer.is_done("non_layer"):
         t = time.perf_counter()
-        for n in sorted(other_names):
+        mine = [n for n in sorted(other_names) if owned is None or n in owned]
+        for n in mine:
             writer.add(n, _unquantized(reader, n))
         phase["write"] += time.perf_counter() - t
-        writer.finish_unit("non_layer", {"tensors": len(other_names)})
+        writer.finish_unit("non_layer", {"tensors": len(mine)})
     progress.step("non-layer")
 
     # the report and config files
-    unit_info = writer.unit_info()
+    manifests = None
+    if group is not None:
+        manifests = group.gather_manifests(writer)  # None on every process but 0
+        if manifests is None:
+            writer.close()
+            reader.close()
+            group.wait_finalized()
+            return None
+        unit_info = merge_unit_info([m["units"] for m in manifests], writer.unit_order)
+    else:
+        unit_info = writer.unit_info()
     coverage = coverage_report(stats) if calibrated else {}
     producer = {"name": "modelopt", "version": PRODUCER_VERSION}
     if opt.fmt == "modelopt":
@@ -258,16 +292,23 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "resumed": bool(opt.resume),
     }
+    if group is not None:
+        report["processes"] = group.num_processes
     t = time.perf_counter()
     config_out = dict(config)
     config_out["quantization_config"] = qcfg
-    writer.finalize(config_out, hf_quant, reader.extra_files(), report)
+    if group is None:
+        writer.finalize(config_out, hf_quant, reader.extra_files(), report)
+    else:
+        writer.finalize(config_out, hf_quant, reader.extra_files(), report, manifests=manifests, units=unit_info)
     phase["write"] += time.perf_counter() - t
     report["time_s"] = {**{k: round(v, 3) for k, v in phase.items()},
                         "total": round(time.perf_counter() - t_start, 3)}
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     (Path(out) / "nvfp4_report.json").write_text(json.dumps(report, indent=2))
     reader.close()
+    if group is not None:
+        group.announce_finalized()
     return report
 
 
@@ -281,7 +322,9 @@ def _unquantized(reader: CheckpointReader, name: str):
 
 
 def _quantize_and_write(layer, layer_names, params, reader, writer, layout, quantized, groups,
-                        layer_stats: CalibStats, opt: ConvertOptions, phase) -> dict:
+                        layer_stats: CalibStats, opt: ConvertOptions, phase, owned=None) -> dict:
+    """Quantize the layer's linears and hand every tensor of the layer to the writer, in sorted
+    name order; with ``owned`` (a multi-process run) only the tensors named in it."""
     t0 = time.perf_counter()
     mods = sorted({n[: -len(".weight")] for n in layer_names if n.endswith(".weight")} & quantized)
     layer_groups = [g for g in groups if g[0] in mods]
@@ -299,6 +342,9 @@ def _quantize_and_write(layer, layer_names, params, reader, writer, layout, quan
             raise ConversionError(f"layer {layer}: calibration recorded no input amax for {missing[:5]}")
         in_amax = {m: in_amax[m] for m in mods}
     in_amax = unify_groups(in_amax, layer_groups)
+    if owned is not None:  # fused groups are owned whole (assign_owners), so unification is complete
+        mods = [m for m in mods if f"{m}.weight" in owned]
+        layer_groups = [g for g in layer_groups if g[0] in mods]
     # weight amax: lazily from the weight (SPEC section 5), unified over fused groups
     w_amax = {m: float(numerics.tensor_amax(params[f"{m}.weight"])) for m in mods}
     zero_amax = sorted(m for m, a in w_amax.items() if a == 0.0)
@@ -327,6 +373,8 @@ def _quantize_and_write(layer, layer_names, params, reader, writer, layout, quan
     phase["quantize"] += t1 - t0
 
     for n in sorted(layer_names):
+        if owned is not None and n not in owned:
+            continue
         mod = n[: -len(".weight")] if n.endswith(".weight") else None
         if mod in results:
             r = results[mod]
@@ -338,11 +386,111 @@ def _quantize_and_write(layer, layer_names, params, reader, writer, layout, quan
             writer.add(n, _unquantized(reader, n))
     phase["write"] += time.perf_counter() - t1
     ex = layer_stats.experts
-    info = {"quantized": len(mods), "tensors": len(layer_names), "zero_weight_amax": zero_amax}
+    tensors = len(layer_names) if owned is None else sum(n in owned for n in layer_names)
+    info = {"quantized": len(mods), "tensors": tensors, "zero_weight_amax": zero_amax}
     if ex:
         (prefix, e), = ex.items()
         info["experts_without_tokens"] = int((e.tokens_per_expert == 0).sum())
     return info
 
 
-__all__ = ["ConvertOptions", "ConversionError", "convert", "PRODUCER_VERSION"]
+# -- the output plan of a multi-process run --------------------------------------------------
+
+
+def _unquantized_spec(reader: CheckpointReader, name: str) -> tuple[str, tuple[int, ...]]:
+    """(safetensors dtype, shape) that :func:`_unquantized` gives ``name``."""
+    info = reader.info(name)
+    if info.encoding == "plain":
+        e = reader.entry(info.parts["weight"])
+        return e.dtype, tuple(e.shape)
+    return "BF16", tuple(info.shape)
+
+
+def _specs(name: str, dtype: str, shape: tuple, fmt: str) -> list[tuple]:
+    """One added tensor as the writer stores it (formats.to_compressed_tensors renames and turns
+    the tensor scales into [1]-shaped inverses)."""
+    from nvfp4_jax.checkpoint.safetensors_io import DTYPES
+
+    if fmt == "compressed-tensors":
+        mod, _, param = name.rpartition(".")
+        if param == "weight" and dtype == "U8":
+            name = f"{mod}.weight_packed"
+        elif param in ("weight_scale_2", "input_scale"):
+            name, shape = f"{mod}.{'weight' if param == 'weight_scale_2' else 'input'}_global_scale", (1,)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    return [(name, dtype, tuple(shape), nbytes)]
+
+
+def output_plan(reader: CheckpointReader, layer_ids, other_names, quantized, fmt: str) -> list:
+    """Every tensor :func:`convert` hands to the writer, before any is computed:
+    ``[(unit, [(source name, [(name, dtype, shape, nbytes), ...]), ...]), ...]`` in add order
+    (units layer by layer, then ``non_layer``; names sorted within a unit; a quantized linear's
+    ``.weight`` expands to weight, weight_scale, weight_scale_2, input_scale)."""
+    plan = []
+    by_layer: dict[int, list[str]] = {}
+    for n in reader.names():
+        layer = _layer_of(n)
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(n)
+    for unit, unit_names in [(f"layer.{i}", by_layer.get(i, [])) for i in layer_ids] + [("non_layer", list(other_names))]:
+        items = []
+        for n in sorted(unit_names):
+            mod = n[: -len(".weight")] if n.endswith(".weight") else None
+            if mod in quantized:
+                shape = tuple(reader.info(n).shape)
+                k = shape[-1]
+                specs = (_specs(f"{mod}.weight", "U8", shape[:-1] + (k // 2,), fmt)
+                         + _specs(f"{mod}.weight_scale", "F8_E4M3", shape[:-1] + (k // numerics.BLOCK,), fmt)
+                         + _specs(f"{mod}.weight_scale_2", "F32", (), fmt)
+                         + _specs(f"{mod}.input_scale", "F32", (), fmt))
+            else:
+                specs = _specs(n, *_unquantized_spec(reader, n), fmt)
+            items.append((n, specs))
+        plan.append((unit, items))
+    return plan
+
+
+def assign_owners(plan, groups, num_processes: int) -> dict[str, int]:
+    """Which process quantizes and writes each source tensor of ``plan``: the members of a fused
+    group go together (their shared amax needs every member's weight), and work items are dealt
+    largest first to the least loaded process (loads carried over from unit to unit), so every
+    process gets about the same number of bytes in every layer. Deterministic."""
+    group_of = {f"{m}.weight": tuple(f"{x}.weight" for x in g) for g in groups for m in g}
+    loads = [0] * num_processes
+    owner: dict[str, int] = {}
+    for _, items in plan:
+        cost = {n: sum(s[3] for s in specs) for n, specs in items}
+        work, seen = [], set()
+        for n, _ in items:
+            if n in seen:
+                continue
+            members = tuple(m for m in group_of.get(n, (n,)) if m in cost)
+            seen.update(members)
+            work.append((sum(cost[m] for m in members), members))
+        for c, members in sorted(work, key=lambda w: (-w[0], w[1])):
+            p = min(range(num_processes), key=lambda i: (loads[i], i))
+            loads[p] += c
+            for m in members:
+                owner[m] = p
+    return owner
+
+
+def merge_unit_info(per_process: Sequence[dict], unit_order: Sequence[str]) -> dict[str, dict]:
+    """The unit info of a multi-process run, from every process's share: counts summed, module
+    lists joined, the rest (the same on every process) taken once."""
+    out: dict[str, dict] = {}
+    for unit in unit_order:
+        merged: dict = {}
+        for units in per_process:
+            for k, v in units.get(unit, {}).items():
+                if k in ("quantized", "tensors"):
+                    merged[k] = merged.get(k, 0) + v
+                elif isinstance(v, list):
+                    merged[k] = sorted(set(merged.get(k, [])) | set(v))
+                else:
+                    merged.setdefault(k, v)
+        out[unit] = merged
+    return out
+
+
+__all__ = ["ConvertOptions", "ConversionError", "convert", "PRODUCER_VERSION", "output_plan", "assign_owners"]

@@ -29,6 +29,12 @@ order is byte-identical to an uninterrupted one.
 index, ``config.json``, ``hf_quant_config.json``, the report and the extra files, re-reads every
 shard header to check that each tensor is listed exactly once, and only then renames
 ``OUT.partial`` to ``OUT``.  A killed run therefore never leaves ``OUT``.
+
+:class:`PlannedWriter` gives the same files when many processes write one checkpoint together
+(``nvfp4_jax.distributed``): the whole layout (every tensor's name, dtype and shape, in the order
+this writer would receive them) is known before any data exists, so shard boundaries, headers and
+byte offsets are computed up front with the same rule (:func:`starts_new_shard`), the shard files
+are created at their final size, and every process writes its own tensors at their offsets.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from . import formats
 from .safetensors_io import CheckpointError, encode_header, fsync_dir, read_header, st_dtype
 
 MANIFEST = "manifest.json"
+PLAN_NAME = "plan.json"  # PlannedWriter: the layout every process agreed on
 MANIFEST_VERSION = 1
 REPORT_NAME = "nvfp4_report.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -74,11 +81,65 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def starts_new_shard(open_count: int, open_bytes: int, nbytes: int, shard_size: int) -> bool:
+    """The sharding rule of both writers: a shard is closed before a tensor that would push its data
+    past ``shard_size`` (a tensor larger than ``shard_size`` therefore gets a shard of its own)."""
+    return open_count > 0 and open_bytes + nbytes > shard_size
+
+
 def _to_numpy(array) -> np.ndarray:
     a = np.asarray(array)  # jax arrays come back with their ml_dtypes dtype
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     return np.require(a, requirements='C')  # (np.ascontiguousarray would turn 0-d into [1])
+
+
+def _publish(partial: Path, out_dir: Path, overwrite: bool, final_files: list[str], weight_map: dict[str, str],
+             total: int, config: dict, quant_config: dict | None, extra_files, report: dict | None, units: dict,
+             scratch) -> None:
+    """The common end of both writers: index, config files, extra files and report next to the
+    finished shards in ``partial``, a last check that index and headers agree, removal of the
+    ``scratch`` files, then the atomic rename of ``partial`` to ``out_dir``."""
+    scratch = [Path(p) for p in scratch]
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _atomic_write_text(partial / INDEX_NAME, _dump_json(index))
+    _atomic_write_text(partial / "config.json", _dump_json(config))
+    if quant_config is not None:
+        _atomic_write_text(partial / "hf_quant_config.json", _dump_json(quant_config))
+    reserved = {INDEX_NAME, "config.json", "hf_quant_config.json", MANIFEST, *final_files, *(p.name for p in scratch)}
+    for f in extra_files:
+        f = Path(f)
+        if f.name in reserved:
+            raise CheckpointError(f"extra file {f} would overwrite a file the writer produces")
+        shutil.copy2(f, partial / f.name)
+    if report is not None:
+        rep = dict(report)
+        rep.setdefault("units", units)
+        _atomic_write_text(partial / REPORT_NAME, _dump_json(rep))
+
+    # last check: the index and the shard headers agree, every tensor exactly once
+    seen: dict[str, str] = {}
+    for final in final_files:
+        for name in read_header(partial / final)[0]:
+            if name in seen:
+                raise CheckpointError(f"tensor {name!r} is listed in both {seen[name]} and {final}")
+            seen[name] = final
+    if seen != index["weight_map"]:
+        raise CheckpointError(f"index {partial / INDEX_NAME} disagrees with the shard headers")
+
+    for p in scratch:
+        p.unlink(missing_ok=True)
+    fsync_dir(partial)
+    if out_dir.exists():
+        if not overwrite:
+            raise CheckpointError(f"output directory {out_dir} appeared while writing; refusing to replace it")
+        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(partial, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, out_dir)
+    fsync_dir(out_dir.parent)
 
 
 class CheckpointWriter:
@@ -110,6 +171,11 @@ class CheckpointWriter:
         self._finalized = False
         self._body = None  # open file object of the current shard's body
         self._stale_bodies: list[Path] = []  # bodies of shards closed since the last manifest
+        if resume and (self.partial / PLAN_NAME).exists():
+            plan = _read_json(self.partial / PLAN_NAME, "plan")
+            raise CheckpointError(
+                f"cannot resume {self.partial} in one process: it was started by a distributed run of "
+                f"{plan.get('num_processes')} processes; resume it with the same --num-processes")
         if resume and (self.partial / MANIFEST).exists():
             self._resume(verify_checksums)
         else:
@@ -212,7 +278,7 @@ class CheckpointWriter:
             raise CheckpointError(f"tensor {name!r} was added twice")
         dtype = st_dtype(a.dtype)
         nbytes = a.nbytes
-        if self.open_tensors and self.open_bytes + nbytes > self.shard_size:
+        if starts_new_shard(len(self.open_tensors), self.open_bytes, nbytes, self.shard_size):
             self._close_shard()
         if self._body is None:
             self._body = open(self._body_path(), "ab")
@@ -312,58 +378,13 @@ class CheckpointWriter:
         if set(weight_map) != self._names:
             missing = sorted(self._names - set(weight_map))[:5]
             raise CheckpointError(f"tensors added but not in any shard: {missing}")
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic_write_text(self.partial / INDEX_NAME, _dump_json(index))
-        _atomic_write_text(self.partial / "config.json", _dump_json(config))
-        if quant_config is not None:
-            _atomic_write_text(self.partial / "hf_quant_config.json", _dump_json(quant_config))
-        for f in extra_files:
-            f = Path(f)
-            if f.name in (INDEX_NAME, "config.json", "hf_quant_config.json", MANIFEST) or f.name in final_files:
-                raise CheckpointError(f"extra file {f} would overwrite a file the writer produces")
-            shutil.copy2(f, self.partial / f.name)
-        if report is not None:
-            rep = dict(report)
-            rep.setdefault("units", self.units)
-            _atomic_write_text(self.partial / REPORT_NAME, _dump_json(rep))
-
-        # last check: the index and the shard headers agree, every tensor exactly once
-        seen: dict[str, str] = {}
-        for final in final_files:
-            for name in read_header(self.partial / final)[0]:
-                if name in seen:
-                    raise CheckpointError(f"tensor {name!r} is listed in both {seen[name]} and {final}")
-                seen[name] = final
-        if seen != index["weight_map"]:
-            raise CheckpointError(f"index {self.partial / INDEX_NAME} disagrees with the shard headers")
-
-        for p in list(self.partial.glob("*.body")) + [self.partial / MANIFEST]:
-            p.unlink(missing_ok=True)
-        fsync_dir(self.partial)
-        if self.out_dir.exists():
-            if not self.overwrite:
-                raise CheckpointError(f"output directory {self.out_dir} appeared while writing; refusing to replace it")
-            old = self.out_dir.with_name(self.out_dir.name + f".old-{os.getpid()}")
-            os.replace(self.out_dir, old)
-            os.replace(self.partial, self.out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.partial, self.out_dir)
-        fsync_dir(self.out_dir.parent)
+        _publish(self.partial, self.out_dir, self.overwrite, final_files, weight_map, total, config, quant_config,
+                 extra_files, report, self.units, scratch=[*self.partial.glob("*.body"), self.partial / MANIFEST])
         self._finalized = True
         return self.out_dir
 
     def _check_quant_config(self, qc) -> None:
-        if not isinstance(qc, dict):
-            raise CheckpointError("config has no quantization_config; pass quantization_config= (see formats.py)")
-        method = qc.get("quant_method")
-        if self.fmt == "modelopt" and method != "modelopt":
-            raise CheckpointError(f"quantization_config.quant_method is {method!r}; the modelopt format needs 'modelopt'")
-        if self.fmt == "compressed-tensors" and (method != "compressed-tensors" or qc.get("format") != "nvfp4-pack-quantized"):
-            raise CheckpointError(
-                f"quantization_config is quant_method {method!r}, format {qc.get('format')!r}; the compressed-tensors "
-                "format needs 'compressed-tensors' / 'nvfp4-pack-quantized'"
-            )
+        _check_quant_config(self.fmt, qc)
 
     def _check_open(self):
         if self._finalized:
@@ -374,6 +395,270 @@ class CheckpointWriter:
         if self._body is not None:
             self._body.close()
             self._body = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _check_quant_config(fmt: str, qc) -> None:
+    if not isinstance(qc, dict):
+        raise CheckpointError("config has no quantization_config; pass quantization_config= (see formats.py)")
+    method = qc.get("quant_method")
+    if fmt == "modelopt" and method != "modelopt":
+        raise CheckpointError(f"quantization_config.quant_method is {method!r}; the modelopt format needs 'modelopt'")
+    if fmt == "compressed-tensors" and (method != "compressed-tensors" or qc.get("format") != "nvfp4-pack-quantized"):
+        raise CheckpointError(
+            f"quantization_config is quant_method {method!r}, format {qc.get('format')!r}; the compressed-tensors "
+            "format needs 'compressed-tensors' / 'nvfp4-pack-quantized'"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# planned layout: many processes, one checkpoint
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what} file {path} is unreadable: {e}; delete {path.parent} and start over") from None
+
+
+def plan_shards(specs, shard_size: int) -> list[list[tuple]]:
+    """Split ``specs`` ``[(name, dtype, shape, nbytes), ...]`` (in add order) into shards exactly as
+    :class:`CheckpointWriter` does when the tensors are added in that order."""
+    shards: list[list[tuple]] = []
+    open_bytes = 0
+    for spec in specs:
+        if not shards or starts_new_shard(len(shards[-1]), open_bytes, spec[3], shard_size):
+            shards.append([])
+            open_bytes = 0
+        shards[-1].append(spec)
+        open_bytes += spec[3]
+    return shards
+
+
+class PlannedWriter:
+    """A checkpoint written by several processes at once, byte-identical to :class:`CheckpointWriter`
+    fed with the same tensors in the same order.
+
+    units: ``[(unit, [(name, dtype, shape, nbytes), ...]), ...]``: every output tensor (after the
+        format's renaming), in the order the streaming writer would get them.
+    Every process builds the writer from the same units; process 0 calls :meth:`prepare` (creates
+    ``OUT.partial`` with ``plan.json`` and every shard file at its final size, header included),
+    then every process calls :meth:`open` and :meth:`add` for its own tensors only;
+    :meth:`finish_unit` makes the process's writes durable and records the unit (and the tensors it
+    wrote) in its own ``manifest-p{I}-of-{N}.json``, which is what ``--resume`` continues from.
+    Process 0 ends with :meth:`finalize`, given every process's :meth:`manifest`: it checks that each
+    planned tensor was written by exactly one process, then writes index/configs/report and renames
+    ``OUT.partial`` to ``OUT`` like :class:`CheckpointWriter`.
+    """
+
+    def __init__(self, out_dir, units, *, shard_size=5e9, fmt="modelopt", process_id=0, num_processes=1,
+                 resume=False, overwrite=False):
+        self.out_dir = Path(out_dir)
+        self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
+        self.shard_size = int(shard_size)
+        if self.shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
+        self.fmt, self.process_id, self.num_processes = fmt, int(process_id), int(num_processes)
+        self.resume, self.overwrite = resume, overwrite
+        self.unit_order = [u for u, _ in units]
+        specs = [(str(n), str(d), tuple(int(x) for x in s), int(b)) for _, ts in units for n, d, s, b in ts]
+        names = [s[0] for s in specs]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})[:5]
+            raise CheckpointError(f"the output plan lists tensors twice: {dup}")
+        if not specs:
+            raise CheckpointError("no tensors were added; nothing to write")
+        shards = plan_shards(specs, self.shard_size)
+        n = len(shards)
+        self.files = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        self.headers: list[bytes] = []
+        self.sizes: list[int] = []
+        self.where: dict[str, tuple] = {}  # name -> (file index, absolute offset, dtype, shape, nbytes)
+        for i, shard in enumerate(shards):
+            head = encode_header(shard, {"format": "pt"})
+            pos = len(head)
+            for name, dtype, shape, nbytes in shard:
+                self.where[name] = (i, pos, dtype, shape, nbytes)
+                pos += nbytes
+            self.headers.append(head)
+            self.sizes.append(pos)
+        plan = {"version": MANIFEST_VERSION, "fmt": fmt, "shard_size": self.shard_size,
+                "num_processes": self.num_processes, "units": [[u, [list(t) for t in ts]] for u, ts in units]}
+        self.digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+        self.manifest_path = self.partial / f"manifest-p{self.process_id}-of-{self.num_processes}.json"
+        self.units: dict[str, dict] = {}
+        self.written: dict[str, list[str]] = {}  # unit -> tensors this process wrote
+        self._pending: list[str] = []
+        self._added: set[str] = set()
+        self._fds: dict[int, int] = {}
+        self._dirty: set[int] = set()
+        self._finalized = False
+
+    # -- process 0 ------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Process 0, before any other process opens the files: lay out ``OUT.partial``."""
+        if self.out_dir.exists() and not self.overwrite:
+            raise CheckpointError(f"output directory {self.out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+        plan_path = self.partial / PLAN_NAME
+        if self.resume and plan_path.exists():
+            self._check_resumable(_read_json(plan_path, "plan"))
+            return
+        if self.resume and (self.partial / MANIFEST).exists():
+            raise CheckpointError(f"cannot resume {self.partial} with {self.num_processes} processes: it was started by "
+                                  "a single-process run; resume it without --num-processes")
+        if self.partial.exists():
+            if not (self.overwrite or self.resume):
+                raise CheckpointError(
+                    f"{self.partial} exists (an interrupted run?); pass resume=True (--resume) to continue it "
+                    "or overwrite=True (--overwrite) to start over")
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        for fname, head, size in zip(self.files, self.headers, self.sizes):
+            with open(self.partial / fname, "wb") as f:
+                f.write(head)
+                f.truncate(size)  # sparse until every process has written its tensors
+                f.flush()
+                os.fsync(f.fileno())
+        _atomic_write_text(plan_path, json.dumps({"digest": self.digest, "num_processes": self.num_processes,
+                                                  "fmt": self.fmt, "shard_size": self.shard_size,
+                                                  "files": self.files}, indent=1))
+        fsync_dir(self.partial)
+
+    def _check_resumable(self, plan: dict) -> None:
+        if plan.get("digest") != self.digest:
+            raise CheckpointError(
+                f"cannot resume {self.partial}: it was started with {plan.get('num_processes')} processes, "
+                f"fmt={plan.get('fmt')!r}, shard_size={plan.get('shard_size')} and this run plans a different output "
+                f"({self.num_processes} processes, fmt={self.fmt!r}, shard_size={self.shard_size}, or another "
+                "source/preset); rerun with the original settings or start over with --overwrite")
+        for fname, head, size in zip(self.files, self.headers, self.sizes):
+            p = self.partial / fname
+            ok = p.exists() and p.stat().st_size == size
+            if ok:
+                with open(p, "rb") as f:
+                    ok = f.read(len(head)) == head
+            if not ok:
+                raise CheckpointError(f"cannot resume: shard {p} is missing or does not match the plan; "
+                                      f"delete {self.partial} and start over")
+
+    # -- every process --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Every process, once process 0 has prepared: pick up this process's manifest on resume."""
+        if not (self.partial / PLAN_NAME).exists():
+            raise CheckpointError(f"{self.partial / PLAN_NAME} is missing: is {self.partial} on a file system "
+                                  "shared by every process?")
+        if self.resume and self.manifest_path.exists():
+            m = _read_json(self.manifest_path, "resume manifest")
+            if m.get("digest") != self.digest:
+                raise CheckpointError(f"resume manifest {self.manifest_path} belongs to another plan; "
+                                      f"delete {self.partial} and start over")
+            self.units, self.written = m["units"], m["tensors"]
+            self._added = {n for ts in self.written.values() for n in ts}
+
+    def is_done(self, unit: str) -> bool:
+        return unit in self.units
+
+    def unit_info(self) -> dict[str, dict]:
+        return dict(self.units)
+
+    def manifest(self) -> dict:
+        return {"process_id": self.process_id, "digest": self.digest, "units": self.units, "tensors": self.written}
+
+    def add(self, name: str, array) -> None:
+        """Write one of this process's tensors at its planned place."""
+        self._check_open()
+        items = formats.to_compressed_tensors(name, array) if self.fmt == "compressed-tensors" else [(name, array)]
+        for n, a in items:
+            a = _to_numpy(a)
+            if n not in self.where:
+                raise CheckpointError(f"tensor {n!r} is not in the output plan")
+            i, offset, dtype, shape, nbytes = self.where[n]
+            if (st_dtype(a.dtype), tuple(a.shape)) != (dtype, shape):
+                raise CheckpointError(f"tensor {n!r} is {st_dtype(a.dtype)} {list(a.shape)} but the output plan "
+                                      f"expects {dtype} {list(shape)}")
+            if n in self._added:
+                raise CheckpointError(f"tensor {n!r} was added twice")
+            fd = self._fds.get(i)
+            if fd is None:
+                fd = self._fds[i] = os.open(self.partial / self.files[i], os.O_WRONLY)
+            buf = memoryview(a.reshape(-1).view(np.uint8))
+            done = 0
+            while done < nbytes:  # pwrite may write less than asked (e.g. above 2 GB)
+                done += os.pwrite(fd, buf[done:], offset + done)
+            self._dirty.add(i)
+            self._pending.append(n)
+            self._added.add(n)
+
+    def finish_unit(self, unit: str, info: dict | None = None) -> None:
+        """Make this process's writes durable and record ``unit`` (its share of it) as done."""
+        self._check_open()
+        if unit in self.units:
+            raise CheckpointError(f"unit {unit!r} was already finished")
+        for i in sorted(self._dirty):
+            os.fsync(self._fds[i])
+        self._dirty.clear()
+        self.units[unit] = json.loads(json.dumps(info or {}))
+        self.written[unit] = list(self._pending)
+        self._pending = []
+        _atomic_write_text(self.manifest_path, json.dumps({"version": MANIFEST_VERSION, **self.manifest()}))
+        fsync_dir(self.partial)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def finalize(self, config: dict, quant_config: dict | None, extra_files=(), report: dict | None = None, *,
+                 manifests, units: dict | None = None, quantization_config: dict | None = None) -> Path:
+        """Process 0, after every process finished: check coverage, write the rest, rename.
+
+        manifests: every process's :meth:`manifest`.  units: the finished units' info for the
+        report (default: this process's)."""
+        self._check_open()
+        self.close()
+        config = dict(config)
+        if quantization_config is not None:
+            config["quantization_config"] = quantization_config
+        _check_quant_config(self.fmt, config.get("quantization_config"))
+        by: dict[str, int] = {}
+        for m in manifests:
+            for unit in self.unit_order:
+                if unit not in m["units"]:
+                    raise CheckpointError(f"process {m['process_id']} did not finish {unit}")
+            for names in m["tensors"].values():
+                for n in names:
+                    if n in by:
+                        raise CheckpointError(f"tensor {n!r} was written by processes {by[n]} and {m['process_id']}")
+                    by[n] = m["process_id"]
+        missing = sorted(set(self.where) - set(by))
+        if missing:
+            raise CheckpointError(f"{len(missing)} planned tensors were written by no process, e.g. {missing[:5]}")
+        weight_map, total = {}, 0
+        for i, fname in enumerate(self.files):
+            entries, _ = read_header(self.partial / fname)  # parses, tiles the file exactly
+            for name, e in entries.items():
+                weight_map[name] = fname
+                total += e.nbytes
+        _publish(self.partial, self.out_dir, self.overwrite, self.files, weight_map, total, config, quant_config,
+                 extra_files, report, self.units if units is None else units,
+                 scratch=[self.partial / PLAN_NAME, *self.partial.glob("manifest-p*-of-*.json")])
+        self._finalized = True
+        return self.out_dir
+
+    def _check_open(self):
+        if self._finalized:
+            raise CheckpointError(f"writer for {self.out_dir} is already finalized")
 
     def __enter__(self):
         return self

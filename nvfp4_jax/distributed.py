@@ -1,0 +1,315 @@
+"""Multi-host conversion over JAX's multi-controller runtime (``jax.distributed``).
+
+    # on every host (process ids 0..N-1), the same command but --process-id:
+    nvfp4-jax convert SRC OUT --calib-tokens t.json \\
+        --coordinator host0:1234 --num-processes N --process-id I
+
+How the work is split, and why the result is byte-identical to a one-process run:
+
+* Output layout first. Every output tensor's name, dtype and shape follow from the reader's
+  shapes and the quantization decisions (:func:`nvfp4_jax.pipeline.output_plan`), so shard
+  boundaries, headers and byte offsets are computed before any data exists, with the rule of the
+  one-process writer (:class:`nvfp4_jax.checkpoint.writer.PlannedWriter`). Every process computes
+  the plan itself; they check that they agree (a digest exchange), process 0 creates ``OUT.partial``
+  with every shard file at its final size, and each process writes its own tensors at their
+  offsets. ``OUT`` must be on a file system every process sees.
+* Work split. Source tensors are dealt to processes largest first, a fused group as one item
+  (:func:`nvfp4_jax.pipeline.assign_owners`); a process quantizes and writes only its share.
+  Calibration is split by whole batches (batch ``b`` goes to process ``b % N``), so each batch's
+  forward is exactly the one-process forward; after every layer the statistics are merged over all
+  processes (max of every amax, sum of token counts: order-free and exact), so every process
+  derives the same input scales. The calibration forward needs the whole layer, so calibrated runs
+  read every layer on every process; calibration-free runs read only their share.
+* End. Each process reports its manifest (units done, tensors written) to process 0, which checks
+  that every planned tensor was written exactly once, writes index, configs and report, and
+  renames ``OUT.partial`` to ``OUT``; the others wait for that and exit with its outcome.
+* Resume. Each process keeps ``OUT.partial/manifest-p{I}-of-{N}.json``; ``--resume`` with the same
+  process count redoes only the units a process had not finished (the calibration forward still
+  runs for every layer, to rebuild the activations).
+
+Failures never hang: every exchange goes through the coordination service's key-value store with
+bounded waits (``--timeout``, default 300 s), polled once a second, and each poll also checks the
+other processes' error keys and liveness (``get_live_nodes``; the runtime runs with
+``jax_enable_recoverability`` so that a lost process is reported to us instead of aborting
+everyone). The coordination service declares a silent process dead after its heartbeat timeout,
+a third of ``--timeout`` within 5..100 s (:func:`heartbeat_seconds`). A process that fails posts its error, and the others stop with
+``process I failed: <its error>``; one that dies (killed, crashed, host lost) is reported as
+``process I is gone``. Only a lost coordinator (process 0, which hosts the service) ends the others
+through JAX's own fatal error, within seconds.
+
+Test hook: ``NVFP4_JAX_FAULT=PID:POINT:ACTION`` makes process PID ``kill`` itself (SIGKILL) or
+``raise`` at POINT (``stats:layer.L`` before the statistics exchange of layer L, ``done`` before
+reporting its manifest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from nvfp4_jax.calibration import CalibStats
+
+_PREFIX = "nvfp4_jax"
+_POLL_S = 1.0
+
+
+class DistributedError(RuntimeError):
+    """Another process failed or vanished, or the processes disagree; the message names it."""
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ProcessGroup:
+    """The processes of one conversion, talking through the ``jax.distributed`` key-value store.
+
+    Every exchange is ``set my key, then wait for the others' keys``; a wait polls every second and
+    between polls looks for error keys and dead processes, so it ends with a clear
+    :class:`DistributedError` instead of hanging; ``timeout_s`` bounds a wait on a live process.
+    """
+
+    def __init__(self, client, process_id: int, num_processes: int, timeout_s: float = 300.0):
+        self.client, self.process_id, self.num_processes = client, int(process_id), int(num_processes)
+        self.timeout_s = float(timeout_s)
+
+    # -- primitives -----------------------------------------------------------------------------
+
+    def _key(self, *parts) -> str:
+        return "/".join([_PREFIX, *map(str, parts)])
+
+    def publish(self, key: str, value: str) -> None:
+        self.client.key_value_set(key, value, allow_overwrite=True)
+
+    def post_error(self, message: str) -> None:
+        """Tell the others that this process stops (best effort: the service may be gone)."""
+        try:
+            self.publish(self._key("error", self.process_id), message)
+        except Exception:  # noqa: BLE001 - nothing more can be done
+            pass
+
+    def check_peers(self, waiting_for: str) -> None:
+        """Raise if another process posted an error or is no longer alive."""
+        self._check_errors(waiting_for)
+        live = self.client.get_live_nodes(list(range(self.num_processes)))
+        gone = sorted(set(range(self.num_processes)) - {int(p) for p in live})
+        gone = [p for p in gone if self._try_get(self._key("left", p)) is None]
+        if gone:
+            self._check_errors(waiting_for)  # it may have posted its error just before leaving
+            who = ", ".join(map(str, gone))
+            raise DistributedError(
+                f"process{'es' if len(gone) > 1 else ''} {who} of {self.num_processes} "
+                f"{'are' if len(gone) > 1 else 'is'} gone (died, was killed or lost its connection) while process "
+                f"{self.process_id} was waiting for {waiting_for}; the output was not finalized. Rerun every "
+                "process with --resume to continue from OUT.partial")
+
+    def _check_errors(self, waiting_for: str) -> None:
+        errors = {}
+        for key, value in self.client.key_value_dir_get(self._key("error") + "/"):
+            pid = int(key.rstrip("/").rsplit("/", 1)[-1])
+            if pid != self.process_id:
+                errors[pid] = value
+        if errors:
+            # the root cause first: a process that failed on its own, not one that saw another fail
+            pid = min(errors, key=lambda p: (errors[p].startswith(DistributedError.__name__), p))
+            raise DistributedError(f"process {pid} of {self.num_processes} failed: {errors[pid]} "
+                                   f"(process {self.process_id} was waiting for {waiting_for})")
+
+    def wait(self, key: str, waiting_for: str) -> str:
+        """The value of ``key`` once some process sets it; raises DistributedError on a peer's
+        failure or after ``timeout_s``."""
+        from jax.errors import JaxRuntimeError
+
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self.client.blocking_key_value_get(key, max(1, int(min(_POLL_S, max(left, 0)) * 1000)))
+            except JaxRuntimeError as e:
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise DistributedError(f"lost the coordination service (process 0) while process "
+                                           f"{self.process_id} was waiting for {waiting_for}: {e}") from None
+            try:
+                self.check_peers(waiting_for)
+            except DistributedError:
+                value = self._try_get(key)  # the key may have come just before the peer left
+                if value is not None:
+                    return value
+                raise
+            if time.monotonic() >= deadline:
+                raise DistributedError(f"process {self.process_id} waited {self.timeout_s:.0f} s for {waiting_for} "
+                                       "and gave up (--timeout); every process is still alive, so one is stuck or "
+                                       "much slower than the others")
+
+    def _try_get(self, key: str) -> Optional[str]:
+        try:
+            return self.client.key_value_try_get(key)
+        except Exception:  # noqa: BLE001 - NOT_FOUND
+            return None
+
+    def mark_left(self) -> None:
+        """This process ends normally: its leaving is no failure for those still waiting."""
+        self.publish(self._key("left", self.process_id), "ok")
+
+    def all_gather(self, tag: str, value: str, what: str) -> list[str]:
+        """Every process's ``value`` for ``tag``, in process order."""
+        self.publish(self._key(tag, self.process_id), value)
+        out = []
+        for p in range(self.num_processes):
+            out.append(value if p == self.process_id
+                       else self.wait(self._key(tag, p), f"{what} from process {p}"))
+        return out
+
+    def _fault(self, point: str) -> None:
+        spec = os.environ.get("NVFP4_JAX_FAULT", "")
+        if not spec:
+            return
+        pid, rest = spec.split(":", 1)
+        where, action = rest.rsplit(":", 1)
+        if int(pid) != self.process_id or where != point:
+            return
+        sys.stderr.write(f"NVFP4_JAX_FAULT: process {self.process_id} {action} at {point}\n")
+        sys.stderr.flush()
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault at {point}")
+
+    # -- the steps of a conversion ----------------------------------------------------------------
+
+    def open_writer(self, out, plan, opt, fingerprint: dict):
+        """The shared output: agree on the plan, process 0 lays out the files, all open them."""
+        from nvfp4_jax.checkpoint.writer import PlannedWriter
+
+        units = [(unit, [spec for _, specs in items for spec in specs]) for unit, items in plan]
+        writer = PlannedWriter(out, units, shard_size=opt.shard_size, fmt=opt.fmt, process_id=self.process_id,
+                               num_processes=self.num_processes, resume=opt.resume, overwrite=opt.overwrite)
+        mine = _digest({"plan": writer.digest, "run": fingerprint, "out": str(Path(out).resolve())})
+        digests = self.all_gather("plan", mine, "the output plan")
+        differ = [p for p, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise DistributedError(
+                f"processes {differ} planned a different output or run than process 0 (source, output path, "
+                "calibration data or options differ): every process must run the same command but --process-id")
+        if self.process_id == 0:
+            writer.prepare()
+            self.publish(self._key("ready"), "1")
+        else:
+            self.wait(self._key("ready"), f"process 0 to lay out {writer.partial}")
+        writer.open()
+        return writer
+
+    def allreduce_stats(self, unit: str, stats: CalibStats) -> CalibStats:
+        """The statistics of ``unit`` over every process (max amax, summed token counts)."""
+        self._fault(f"stats:{unit}")
+        parts = self.all_gather(f"stats/{unit}", json.dumps(stats.to_json()), f"the {unit} calibration statistics")
+        merged = CalibStats()
+        for part in parts:
+            merged = merged.merge(CalibStats.from_json(json.loads(part)))
+        return merged
+
+    def gather_manifests(self, writer) -> Optional[list[dict]]:
+        """Process 0: every process's manifest once all have finished; others: post theirs, None."""
+        self._fault("done")
+        mine = json.dumps(writer.manifest())
+        if self.process_id != 0:
+            self.publish(self._key("done", self.process_id), mine)
+            return None
+        out = [json.loads(mine)]
+        for p in range(1, self.num_processes):
+            out.append(json.loads(self.wait(self._key("done", p), f"process {p} to finish its tensors")))
+        return out
+
+    def announce_finalized(self) -> None:
+        self.publish(self._key("finalized"), "ok")
+
+    def wait_finalized(self) -> None:
+        self.wait(self._key("finalized"), "process 0 to write the index and configs and finalize the output")
+
+    def linger(self, limit_s: float) -> None:
+        """Process 0 hosts the coordination service: stay until the others have left (or limit_s),
+        so that they read the last keys instead of losing the service under their feet."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            try:
+                live = self.client.get_live_nodes(list(range(self.num_processes)))
+            except Exception:  # noqa: BLE001
+                return
+            if set(int(p) for p in live) <= {self.process_id}:
+                return
+            time.sleep(0.1)
+
+
+def heartbeat_seconds(timeout_s: float) -> int:
+    """How long a silent process may go before it counts as dead: a third of --timeout, within
+    5..100 s (100 s is JAX's default). A killed process is noticed after this long."""
+    return int(max(5, min(100, round(timeout_s / 3))))
+
+
+def initialize(coordinator: Optional[str], num_processes: int, process_id: int, timeout_s: float) -> ProcessGroup:
+    """``jax.distributed.initialize`` with bounded timeouts, and the group over its client."""
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    if not coordinator:
+        raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (the address of process 0)")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id must be in 0..{num_processes - 1}, got {process_id}")
+    if not timeout_s > 0:
+        raise ValueError(f"--timeout must be > 0, got {timeout_s}")
+    # a lost process is reported to the survivors (get_live_nodes) instead of aborting them all
+    jax.config.update("jax_enable_recoverability", True)
+    secs = max(1, int(round(timeout_s)))
+    minutes = max(1, math.ceil(secs / 60))  # the CPU client's topology exchange at backend start
+    jax.config.update("jax_cpu_get_local_topology_timeout_minutes", minutes)
+    jax.config.update("jax_cpu_get_global_topology_timeout_minutes", minutes + 1)
+    print(f"nvfp4-jax: process {process_id} of {num_processes} joining {coordinator} "
+          f"(waits at most {secs} s for the others)", file=sys.stderr, flush=True)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=secs, heartbeat_timeout_seconds=heartbeat_seconds(timeout_s),
+                               shutdown_timeout_seconds=secs)
+    jax.devices()  # start the backend now, while every process is known to be alive
+    return ProcessGroup(jax_distributed.global_state.client, process_id, num_processes, timeout_s)
+
+
+def convert_distributed(src, out, opts, *, coordinator: Optional[str], num_processes: int, process_id: int,
+                        timeout_s: float = 300.0) -> Optional[dict]:
+    """One process of a multi-process :func:`nvfp4_jax.pipeline.convert`; returns the report on
+    process 0 and None elsewhere. Every process runs the same command but ``process_id``."""
+    import jax
+
+    from nvfp4_jax.pipeline import convert
+
+    group = initialize(coordinator, num_processes, process_id, timeout_s)
+    if process_id != 0:
+        opts = dataclasses.replace(opts, progress=False)
+
+    def log(message: str) -> None:
+        print(f"[process {process_id}] {message}", file=sys.stderr, flush=True)
+
+    try:
+        report = convert(src, out, opts, log=log, group=group)
+    except BaseException as e:
+        group.post_error(f"{type(e).__name__}: {e}")
+        if process_id == 0:
+            group.linger(min(10.0, timeout_s))
+        try:
+            jax.distributed.shutdown()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
+    group.mark_left()
+    if process_id == 0:
+        group.linger(timeout_s)
+    jax.distributed.shutdown()
+    return report
+
+
+__all__ = ["DistributedError", "ProcessGroup", "initialize", "convert_distributed"]
