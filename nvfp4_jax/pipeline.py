@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import __version__, numerics
+from nvfp4_jax import __version__, numerics, sharding
 from nvfp4_jax.calibration import (
     CalibrationError, CalibStats, MOE_POLICIES, constant_input_amax, coverage_report,
     expert_input_amax, unify_groups,
@@ -178,6 +178,8 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
 
     stats = CalibStats()
     hidden = []
+    # all local devices: calibration samples and stacked experts are split over them
+    mesh = sharding.device_mesh() if len(jax.local_devices()) > 1 else None
     if calibrated:
         t = time.perf_counter()
         embed_params = reader.get_many(family.embed_param_names(names), dtype)
@@ -187,6 +189,8 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         if group is not None:  # whole batches per process: each batch's forward is the one-process one
             batches = batches[group.process_id::group.num_processes]
         hidden = [family.embed(embed_params, jnp.asarray(b)) for b in batches]
+        if mesh is not None:  # every local device gets a one-device batch worth of rows
+            hidden = sharding.regroup_batches(hidden, opt.batch_size * mesh.size)
         del embed_params
         phase["calibrate"] += time.perf_counter() - t
 
@@ -212,12 +216,16 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         layer_stats = CalibStats()
         if calib_layer:
             t = time.perf_counter()
-            new_hidden = []
-            for h in hidden:
-                h, s = family.layer_forward(layer, params, h, dtype=dtype)
-                layer_stats.observe(jax.device_get(s))
-                new_hidden.append(h)
-            hidden = new_hidden
+            if mesh is not None:  # samples split over the local devices; stats merged exactly
+                hidden, s = sharding.forward_sharded(family, layer, params, hidden, dtype, mesh)
+                layer_stats.observe(s)
+            else:
+                new_hidden = []
+                for h in hidden:
+                    h, s = family.layer_forward(layer, params, h, dtype=dtype)
+                    layer_stats.observe(jax.device_get(s))
+                    new_hidden.append(h)
+                hidden = new_hidden
             jax.block_until_ready(hidden)
             if group is not None:  # max of every amax, sum of token counts, over all processes
                 layer_stats = group.allreduce_stats(unit, layer_stats)
@@ -227,7 +235,7 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
             progress.step(f"{unit} (done)")
             continue
         info = _quantize_and_write(layer, layer_names, params, reader, writer, layout, quantized, groups,
-                                   layer_stats, opt, phase, owned=owned)
+                                   layer_stats, opt, phase, owned=owned, mesh=mesh)
         writer.finish_unit(unit, info)
         layer_reports.append({"layer": layer, **info})
         del params
@@ -322,7 +330,7 @@ def _unquantized(reader: CheckpointReader, name: str):
 
 
 def _quantize_and_write(layer, layer_names, params, reader, writer, layout, quantized, groups,
-                        layer_stats: CalibStats, opt: ConvertOptions, phase, owned=None) -> dict:
+                        layer_stats: CalibStats, opt: ConvertOptions, phase, owned=None, mesh=None) -> dict:
     """Quantize the layer's linears and hand every tensor of the layer to the writer, in sorted
     name order; with ``owned`` (a multi-process run) only the tensors named in it."""
     t0 = time.perf_counter()
@@ -358,10 +366,12 @@ def _quantize_and_write(layer, layer_names, params, reader, writer, layout, quan
     for shape, ms in by_shape.items():
         for i in range(0, len(ms), _EXPERT_CHUNK):
             chunk = ms[i:i + _EXPERT_CHUNK]
-            stacked = jnp.stack([params[f"{m}.weight"] for m in chunk])
             amax = jnp.asarray([w_amax[m] for m in chunk], jnp.float32)
             try:
-                q = numerics.quantize(stacked, amax)
+                if mesh is not None:  # stacked (expert) axis split over the local devices
+                    q = sharding.quantize_sharded([params[f"{m}.weight"] for m in chunk], amax, mesh)
+                else:
+                    q = numerics.quantize(jnp.stack([params[f"{m}.weight"] for m in chunk]), amax)
             except (ValueError, TypeError) as e:
                 bad = [m for m in chunk if not bool(jnp.all(jnp.isfinite(params[f"{m}.weight"].astype(jnp.float32))))]
                 raise ConversionError(f"cannot quantize {bad[0] if bad else chunk[0]}.weight: {e}") from None

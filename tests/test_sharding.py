@@ -11,8 +11,8 @@ batch by batch, merged with CalibStats.observe as the pipeline does):
   routed expert's amax and token count) for every layer of a tiny Llama and a tiny Kimi-K2, when
   every device gets as many rows as a one-device batch, and also when batches are not a multiple
   of the device count (the remainder runs replicated).
-* one layer done the pipeline's way (forward, statistics, back-fill, group unification, quantize
-  by shape) gives the same tensors with the sharded functions as on one device.
+* the whole conversion (the CLI in a subprocess) on 8 devices writes the same files as on one
+  device. (``python tests/test_sharding.py layer_e2e`` runs the finer one-layer comparison.)
 
 The checks run in a subprocess: the device count is fixed by XLA_FLAGS when jax initializes, and
 pytest has already imported jax. Run this file directly (``python tests/test_sharding.py CHECK``)
@@ -49,7 +49,7 @@ def _run_worker(checks: str, timeout: int = 1200) -> dict:
 @pytest.fixture(scope="module")
 def worker():
     """All checks in one 8-device subprocess (the tiny Kimi-K2 is built and compiled once)."""
-    r = _run_worker("quantize,forward_llama,forward_kimi,layer_e2e")
+    r = _run_worker("quantize,forward_llama,forward_kimi")
     assert r["devices"] == N_DEVICES
 
     def get(check):
@@ -80,9 +80,29 @@ def test_forward_sharded_kimi_k2_matches_one_device(worker):
     assert any(case["moe_layers"] for case in r["cases"])
 
 
-def test_one_layer_pipeline_sequence_matches_one_device(worker):
-    r = worker("layer_e2e")
-    assert r["modules"] > 0 and r["expert_modules"] > 0 and r["mismatched"] == [], r
+def test_convert_on_8_devices_is_byte_identical_to_one_device(tmp_path):
+    """The whole pipeline (nvfp4-jax convert) on 8 local devices: calibration samples and stacked
+    experts split over the devices; every output file equals the one-device run's."""
+    from nvfp4_jax import examples
+
+    src = examples.build_kimi_k2_tiny(tmp_path / "src", seed=7)
+    tok = tmp_path / "tokens.json"
+    tok.write_text(json.dumps({"input_ids": examples.calibration_samples(src / "tokenizer.json", 16, 32)}))
+    outs = {}
+    for n in (1, N_DEVICES):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        out = outs[n] = tmp_path / f"out{n}"
+        code = ("import jax, sys; from nvfp4_jax.cli import main; "
+                f"assert len(jax.devices()) == {n}; sys.exit(main(sys.argv[1:]))")
+        proc = subprocess.run([sys.executable, "-c", code, "convert", str(src), str(out), "--calib-tokens",
+                               str(tok), "--batch-size", "2", "--quiet"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(f.name for f in outs[1].iterdir() if f.name != "nvfp4_report.json")
+    assert files == sorted(f.name for f in outs[N_DEVICES].iterdir() if f.name != "nvfp4_report.json")
+    for f in files:
+        assert (outs[1] / f).read_bytes() == (outs[N_DEVICES] / f).read_bytes(), f
 
 
 # ---------------------------------------------------------------------------------------------
