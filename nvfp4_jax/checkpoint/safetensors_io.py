@@ -174,23 +174,38 @@ def array_from_bytes(buf, entry: TensorEntry) -> np.ndarray:
 
 
 class FileCache:
-    """Opens each safetensors file once as a read-only memory map."""
+    """Keeps each safetensors file open and reads tensors with ``pread`` into fresh buffers.
+
+    Not a memory map on purpose: pages of a mapped file stay in the process's resident set once
+    touched, so a layer-by-layer conversion would grow with the model. A buffer read here is freed
+    with the last array that uses it, which keeps peak memory at one layer.
+    """
 
     def __init__(self):
-        self._maps: dict[Path, np.memmap] = {}
+        self._fds: dict[Path, int] = {}
 
     def read(self, entry: TensorEntry) -> np.ndarray:
-        """The tensor as a read-only numpy array backed by the file (no copy)."""
+        """The tensor as a numpy array of its own (one copy from the file)."""
         if entry.nbytes == 0:
             return np.zeros(entry.shape, DTYPES[entry.dtype])
-        mm = self._maps.get(entry.file)
-        if mm is None:
-            mm = np.memmap(entry.file, dtype=np.uint8, mode="r")
-            self._maps[entry.file] = mm
-        return array_from_bytes(mm[entry.start : entry.end], entry)
+        fd = self._fds.get(entry.file)
+        if fd is None:
+            fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+        buf = bytearray(entry.nbytes)
+        view = memoryview(buf)
+        done = 0
+        while done < entry.nbytes:
+            n = os.preadv(fd, [view[done:]], entry.start + done)
+            if n <= 0:
+                raise CheckpointError(f"{entry.file}: unexpected end of file reading {entry.nbytes} bytes "
+                                      f"at offset {entry.start}")
+            done += n
+        return array_from_bytes(buf, entry)
 
     def close(self):
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def fsync_dir(path) -> None:
