@@ -21,6 +21,8 @@ division. So no result here depends on how the backend divides:
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import flax.struct
@@ -380,20 +382,28 @@ def _check_input(w, amax) -> None:
                 f"tensor of shape {shape} (use [] or one value per leading index)")
     if not (_is_concrete(w) and (amax is None or _is_concrete(amax))):
         return  # under jit: value checks are the caller's job
-    bad = ~jnp.isfinite(w)
-    n_bad = int(jnp.sum(bad))
-    if n_bad:
+    amax_ndim = 0 if amax is None else jnp.ndim(amax)
+    own = np.asarray(jax.device_get(_value_stats(w, amax_ndim)))  # one fused pass, one transfer
+    if not np.all(np.isfinite(own)):  # max propagates NaN and Inf: only then count them
+        bad = ~jnp.isfinite(w)
+        n_bad = int(jnp.sum(bad))
         first = tuple(int(i) for i in np.unravel_index(int(jnp.argmax(bad.reshape(-1))), shape))
-        raise ValueError(f"tensor of shape {shape} has {n_bad} NaN/Inf value(s); first at index {first}")
+        raise ValueError(f"tensor of shape {shape} has {int(n_bad)} NaN/Inf value(s); first at index {first}")
     if amax is not None:
         a = np.asarray(jnp.asarray(amax, _F32))
         if np.any(~np.isfinite(a)) or np.any(a < 0):
             raise ValueError(f"weight_amax must be finite and >= 0, got {a} for tensor of shape {shape}")
-        own = np.asarray(jnp.max(jnp.abs(w.astype(_F32)).reshape(*a.shape, -1), axis=-1))
         if np.any(own > a):
             raise ValueError(
                 f"weight_amax {a} is smaller than the tensor's own max |w| {own} (shape {shape}); "
                 "a group amax must be the max over the group's members")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _value_stats(w, amax_ndim: int):
+    """max |w| per leading index of an amax with ``amax_ndim`` axes (NaN or Inf if any is there)."""
+    rows = jnp.max(jnp.abs(w.astype(_F32)), axis=-1)  # row-wise first: XLA CPU vectorizes it
+    return jnp.max(rows.reshape(*w.shape[:amax_ndim], -1), axis=-1)
 
 
 def tensor_amax(w, per_leading: bool = False) -> jax.Array:
