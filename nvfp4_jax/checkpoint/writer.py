@@ -142,6 +142,16 @@ def _publish(partial: Path, out_dir: Path, overwrite: bool, final_files: list[st
     fsync_dir(out_dir.parent)
 
 
+def _output_paths(out_dir, shard_size, fmt) -> tuple[Path, Path, int]:
+    """(OUT, OUT.partial, shard size) after checking the writer's arguments."""
+    out_dir = Path(out_dir)
+    if int(shard_size) <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
+    return out_dir, out_dir.with_name(out_dir.name + ".partial"), int(shard_size)
+
+
 class CheckpointWriter:
     """See the module docstring.
 
@@ -157,13 +167,7 @@ class CheckpointWriter:
 
     def __init__(self, out_dir, *, shard_size=5e9, overwrite=False, resume=False, fmt="modelopt",
                  verify_checksums=True):
-        self.out_dir = Path(out_dir)
-        self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
-        self.shard_size = int(shard_size)
-        if self.shard_size <= 0:
-            raise ValueError(f"shard_size must be positive, got {shard_size}")
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
+        self.out_dir, self.partial, self.shard_size = _output_paths(out_dir, shard_size, fmt)
         self.fmt = fmt
         self.overwrite = overwrite
         if self.out_dir.exists() and not overwrite:
@@ -460,13 +464,7 @@ class PlannedWriter:
 
     def __init__(self, out_dir, units, *, shard_size=5e9, fmt="modelopt", process_id=0, num_processes=1,
                  resume=False, overwrite=False):
-        self.out_dir = Path(out_dir)
-        self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
-        self.shard_size = int(shard_size)
-        if self.shard_size <= 0:
-            raise ValueError(f"shard_size must be positive, got {shard_size}")
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
+        self.out_dir, self.partial, self.shard_size = _output_paths(out_dir, shard_size, fmt)
         self.fmt, self.process_id, self.num_processes = fmt, int(process_id), int(num_processes)
         self.resume, self.overwrite = resume, overwrite
         self.unit_order = [u for u, _ in units]
