@@ -149,17 +149,7 @@ def test_moe_coverage_with_tiny_calibration(kimi, tmp_path):
             assert ours[p + "gate_proj.input_scale"] == ours[p + "up_proj.input_scale"]
 
     # independent: torch model (transformers DeepseekV3, float32) with torch_bridge hooks
-    cfg = json.loads((kimi / "config.json").read_text())
-    tdir = tmp_path / "as_deepseek"
-    tdir.mkdir()
-    cfg_t = dict(cfg, model_type="deepseek_v3")
-    cfg_t.pop("quantization_config")
-    cfg_t.pop("auto_map")
-    (tdir / "config.json").write_text(json.dumps(cfg_t))
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in _ct_decoded(kimi).items()}, str(tdir / "model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(tdir, dtype=torch.float32)
+    model = _torch_kimi(kimi, tmp_path, torch.float32)
     stats = calibrate(model, [torch.tensor(tokens)])
     for layer in (1, 2):
         ex = stats["experts"][f"model.layers.{layer}.mlp.experts"]
@@ -173,6 +163,49 @@ def test_moe_coverage_with_tiny_calibration(kimi, tmp_path):
             np.testing.assert_allclose(float(ours[p + "gate_proj.input_scale"]), gate_up_max / np.float32(2688), rtol=1e-5)
             np.testing.assert_allclose(float(ours[p + "down_proj.input_scale"]), down_max / np.float32(2688), rtol=1e-5)
     assert verify(out) == []
+
+
+def _torch_kimi(kimi, tmp_path, dtype):
+    """The same weights (INT4 experts decoded by compressed-tensors) as a transformers DeepseekV3."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((kimi / "config.json").read_text())
+    tdir = tmp_path / "as_deepseek"
+    tdir.mkdir(exist_ok=True)
+    cfg_t = dict(cfg, model_type="deepseek_v3")
+    cfg_t.pop("quantization_config")
+    cfg_t.pop("auto_map")
+    (tdir / "config.json").write_text(json.dumps(cfg_t))
+    save_file({k: v.contiguous() for k, v in _ct_decoded(kimi).items()}, str(tdir / "model.safetensors"))
+    return AutoModelForCausalLM.from_pretrained(tdir, dtype=dtype)
+
+
+def test_bf16_calibration_agrees_with_torch_bridge(kimi, tmp_path):
+    """JAX pipeline vs torch_bridge hooks on transformers, both bf16, same weights and tokens:
+    every input amax within relative 1e-2; routing differences counted and reported."""
+    from torch_bridge.calibration import calibrate
+
+    tokens = examples.calibration_samples(kimi / "tokenizer.json", 4, 32)
+    report = convert(kimi, tmp_path / "out", ConvertOptions(calib_tokens=tokens, progress=False))
+    ours = report["calibration_stats"]
+    theirs = calibrate(_torch_kimi(kimi, tmp_path, torch.bfloat16), [torch.tensor(tokens)])
+    rel = {m: abs(a - theirs["input_amax"][m]) / theirs["input_amax"][m] for m, a in ours["input_amax"].items()}
+    assert len(rel) >= 20
+    flipped_layer_rel = {}
+    for prefix, ex in ours["experts"].items():
+        ref = theirs["experts"][prefix]
+        moved = int(np.abs(np.asarray(ex["tokens_per_expert"]) - np.asarray(ref["tokens_per_expert"])).sum()) // 2
+        print(f"{prefix}: {moved} of {sum(ref['tokens_per_expert'])} routing decisions differ in bf16")
+        for key in ("gate_up_input_amax", "down_input_amax"):  # the layer max the default policy uses
+            r = abs(max(ex[key]) - max(ref[key])) / max(ref[key])
+            # a token routed elsewhere meets other expert weights: its amax is not comparable
+            (flipped_layer_rel if moved else rel)[f"{prefix} {key} (layer max)"] = r
+    worst = max(rel, key=rel.get)
+    print(f"largest relative input amax difference (bf16): {rel[worst]:.3g} at {worst}")
+    print(f"layers with routing differences: {flipped_layer_rel}")
+    assert rel[worst] <= 1e-2, worst
+    assert all(r <= 2e-2 for r in flipped_layer_rel.values()), flipped_layer_rel
 
 
 def test_per_expert_policy_keeps_own_amax(kimi, tmp_path):
