@@ -10,10 +10,13 @@ from pathlib import Path
 
 def _load_calibration(args, src: Path) -> list[list[int]] | None:
     if args.calib_tokens:
-        d = json.loads(Path(args.calib_tokens).read_text())
+        try:
+            d = json.loads(Path(args.calib_tokens).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.calib_tokens}: not valid JSON ({e.msg} at line {e.lineno})") from None
         ids = d.get("input_ids") if isinstance(d, dict) else None
         if not isinstance(ids, list) or not all(isinstance(s, list) for s in ids):
-            raise SystemExit(f"error: {args.calib_tokens}: expected a JSON object whose 'input_ids' is a "
+            raise ValueError(f"{args.calib_tokens}: expected a JSON object whose 'input_ids' is a "
                              "list of token-id lists")
         return ids
     if args.calib:
@@ -21,7 +24,7 @@ def _load_calibration(args, src: Path) -> list[list[int]] | None:
 
         tok_path = src / "tokenizer.json"
         if not tok_path.exists():
-            raise SystemExit(f"error: --calib needs the source's tokenizer.json, not found in {src}; "
+            raise ValueError(f"--calib needs the source's tokenizer.json, not found in {src}; "
                              "pass --calib-tokens instead")
         tok = Tokenizer.from_file(str(tok_path))
         path = Path(args.calib)
@@ -30,9 +33,12 @@ def _load_calibration(args, src: Path) -> list[list[int]] | None:
             texts = []
             for i, line in enumerate(path.read_text().splitlines(), 1):
                 if line.strip():
-                    rec = json.loads(line)
-                    if "text" not in rec:
-                        raise SystemExit(f"error: {path}:{i}: a .jsonl record needs a 'text' field")
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                        raise ValueError(f"{path}:{i}: a .jsonl record needs a 'text' string field")
                     texts.append(rec["text"])
             return [tok.encode(t).ids[:seq_len] for t in texts]
         ids = tok.encode(path.read_text()).ids

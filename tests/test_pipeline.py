@@ -291,3 +291,37 @@ def test_nan_in_source_weight_names_the_tensor(tmp_path):
     with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.up_proj"):
         convert(src, tmp_path / "out", ConvertOptions(input_scale_constant=1.0, progress=False))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_cli_calibration_text_is_tokenized_with_the_source_tokenizer(tmp_path, kind, capsys):
+    from tokenizers import Tokenizer
+
+    from nvfp4_jax.cli import main
+
+    src = examples.build_llama_tiny(tmp_path / "src")
+    text = "Calibration text for the converter. " * 8
+    f = tmp_path / f"calib.{kind}"
+    f.write_text(text if kind == "txt" else "\n".join(json.dumps({"text": t}) for t in (text, text[:50])))
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--calib", str(f), "--seq-len", "64", "--quiet"]) == 0
+    report = json.loads((out / "nvfp4_report.json").read_text())
+    n_ids = len(Tokenizer.from_file(str(src / "tokenizer.json")).encode(text).ids)
+    if kind == "txt":  # one text, cut into windows of --seq-len tokens
+        assert report["calibration"]["samples"] == -(-n_ids // 64)
+        assert report["calibration"]["tokens"] == n_ids
+    else:  # one sample per record, truncated to --seq-len
+        assert report["calibration"]["samples"] == 2
+        assert report["calibration"]["tokens"] == 64 + len(Tokenizer.from_file(str(src / "tokenizer.json")).encode(text[:50]).ids)
+    assert "conversion report" in capsys.readouterr().out
+
+
+def test_cli_bad_calibration_file_is_a_clear_error(tmp_path, capsys):
+    from nvfp4_jax.cli import main
+
+    src = examples.build_llama_tiny(tmp_path / "src")
+    f = tmp_path / "calib.jsonl"
+    f.write_text('{"txt": "no text field"}\n')
+    assert main(["convert", str(src), str(tmp_path / "out"), "--calib", str(f)]) != 0
+    assert "calib.jsonl:1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
