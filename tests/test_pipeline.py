@@ -325,3 +325,30 @@ def test_cli_bad_calibration_file_is_a_clear_error(tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "out"), "--calib", str(f)]) != 0
     assert "calib.jsonl:1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_k_not_multiple_of_16_stays_bf16_and_is_reported(tmp_path):
+    """A linear whose K is not a multiple of 16 is left in bf16, listed in exclude_modules and named
+    in the report; it is never padded (SPEC section 2)."""
+    from nvfp4_jax.checkpoint.safetensors_io import save_file
+
+    src = examples.build_llama_tiny(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 360  # down_proj K = 360
+    (src / "config.json").write_text(json.dumps(cfg))
+    t = load_dir(src)
+    rng = np.random.default_rng(0)
+    for l in range(2):
+        for name, shape in (("gate_proj", (360, 128)), ("up_proj", (360, 128)), ("down_proj", (128, 360))):
+            t[f"model.layers.{l}.mlp.{name}.weight"] = (rng.standard_normal(shape) * 0.05).astype(ml_dtypes.bfloat16)
+    save_file(src / "model.safetensors", t)
+    out = tmp_path / "out"
+    report = convert(src, out, ConvertOptions(input_scale_constant=1.0, progress=False))
+    assert report["excluded_k_not_multiple_of_16"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    ours = load_dir(out)
+    assert ours["model.layers.1.mlp.down_proj.weight"].tobytes() == t["model.layers.1.mlp.down_proj.weight"].tobytes()
+    assert "model.layers.1.mlp.down_proj.weight_scale" not in ours
+    assert ours["model.layers.1.mlp.up_proj.weight"].dtype == np.uint8
+    hf = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert "model.layers.1.mlp.down_proj" in hf or any(e.endswith("down_proj*") or "down_proj" in e for e in hf)
+    assert verify(out) == []
