@@ -21,7 +21,6 @@ division. So no result here depends on how the backend divides:
 
 from __future__ import annotations
 
-import functools
 
 from typing import Optional
 
@@ -383,8 +382,10 @@ def _check_input(w, amax) -> None:
     if not (_is_concrete(w) and (amax is None or _is_concrete(amax))):
         return  # under jit: value checks are the caller's job
     amax_ndim = 0 if amax is None else jnp.ndim(amax)
-    own = np.asarray(jax.device_get(_value_stats(w, amax_ndim)))  # one fused pass, one transfer
-    if not np.all(np.isfinite(own)):  # max propagates NaN and Inf: only then count them
+    rows = np.asarray(jax.device_get(_row_abs_max(w)))  # one fused pass, one small transfer
+    # a row holding NaN or Inf comes back NaN (see _row_abs_max); numpy's max then keeps it
+    own = np.max(rows.reshape(*shape[:amax_ndim], -1), axis=-1)
+    if not np.all(np.isfinite(own)):
         bad = ~jnp.isfinite(w)
         n_bad = int(jnp.sum(bad))
         first = tuple(int(i) for i in np.unravel_index(int(jnp.argmax(bad.reshape(-1))), shape))
@@ -399,11 +400,15 @@ def _check_input(w, amax) -> None:
                 "a group amax must be the max over the group's members")
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _value_stats(w, amax_ndim: int):
-    """max |w| per leading index of an amax with ``amax_ndim`` axes (NaN or Inf if any is there)."""
-    rows = jnp.max(jnp.abs(w.astype(_F32)), axis=-1)  # row-wise first: XLA CPU vectorizes it
-    return jnp.max(rows.reshape(*w.shape[:amax_ndim], -1), axis=-1)
+@jax.jit
+def _row_abs_max(w):
+    """max |w| of every row (last axis); NaN where the row holds a NaN or an Inf.
+
+    XLA's max reductions do not reliably propagate NaN on CPU (vectorized max keeps whichever
+    operand the instruction prefers), so NaN/Inf are caught by a sum of ``w * 0``, which is NaN
+    exactly when the row has one (addition always propagates NaN) and +-0 otherwise."""
+    a = w.astype(_F32)
+    return jnp.max(jnp.abs(a), axis=-1) + jnp.sum(a * _F32(0.0), axis=-1)
 
 
 def tensor_amax(w, per_leading: bool = False) -> jax.Array:

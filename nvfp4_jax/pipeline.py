@@ -27,7 +27,7 @@ from nvfp4_jax.calibration import (
 from nvfp4_jax.checkpoint import formats
 from nvfp4_jax.checkpoint.layout import default_preset, get_layout
 from nvfp4_jax.checkpoint.reader import CheckpointReader
-from nvfp4_jax.checkpoint.writer import CheckpointWriter
+from nvfp4_jax.checkpoint.writer import open_planned_writer
 
 PRODUCER_VERSION = f"nvfp4_jax-{__version__}"
 _EXPERT_CHUNK = 64  # experts quantized per jitted call (bounds the stacked copy)
@@ -163,11 +163,11 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
     n_layers = int(config.get("num_hidden_layers", len(layer_ids)))
     other_names = [n for n in names if _layer_of(n) is None]
     owned = None  # source tensors this process quantizes and writes (None: all)
-    if group is None:
-        writer = CheckpointWriter(out, shard_size=opt.shard_size, overwrite=opt.overwrite,
-                                  resume=opt.resume, fmt=opt.fmt)
+    plan = output_plan(reader, layer_ids, other_names, quantized, opt.fmt)
+    if group is None:  # the layout is known up front: every tensor is written once, in place
+        writer = open_planned_writer(out, plan_units(plan), shard_size=opt.shard_size, fmt=opt.fmt,
+                                     resume=opt.resume, overwrite=opt.overwrite)
     else:
-        plan = output_plan(reader, layer_ids, other_names, quantized, opt.fmt)
         owners = assign_owners(plan, groups, group.num_processes)
         owned = {n for n, p in owners.items() if p == group.process_id}
         run = {k: v for k, v in dataclasses.asdict(opt).items() if k not in ("calib_tokens", "progress")}
@@ -405,7 +405,7 @@ def _quantize_and_write(layer, layer_names, params, reader, writer, layout, quan
     return info
 
 
-# -- the output plan of a multi-process run --------------------------------------------------
+# -- the output plan: every tensor handed to the writer, known before any is computed --------
 
 
 def _unquantized_spec(reader: CheckpointReader, name: str) -> tuple[str, tuple[int, ...]]:
@@ -459,6 +459,11 @@ def output_plan(reader: CheckpointReader, layer_ids, other_names, quantized, fmt
             items.append((n, specs))
         plan.append((unit, items))
     return plan
+
+
+def plan_units(plan) -> list:
+    """``output_plan(...)`` as the writer's units: ``[(unit, [(name, dtype, shape, nbytes), ...]), ...]``."""
+    return [(unit, [spec for _, specs in items for spec in specs]) for unit, items in plan]
 
 
 def assign_owners(plan, groups, num_processes: int) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""CheckpointWriter and output formats: round trip, atomic rename, resume, SIGKILL, compressed-tensors."""
+"""CheckpointWriter, the one-process PlannedWriter and output formats: round trip, atomic rename, resume,
+SIGKILL, resume checksums, compressed-tensors."""
 
 import json
 import os
@@ -25,6 +26,8 @@ from nvfp4_jax.checkpoint import (
     modelopt_configs,
     to_compressed_tensors,
 )
+from nvfp4_jax.checkpoint.safetensors_io import read_header, st_dtype
+from nvfp4_jax.checkpoint.writer import PlannedWriter, open_planned_writer
 
 GOLDEN = TINY_LLAMA / "modelopt_nvfp4"
 
@@ -67,10 +70,29 @@ def source_config():
             "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
 
 
+def planned_units(fmt="modelopt"):
+    """The synthetic model's output layout, as PlannedWriter takes it (after the format's renaming)."""
+    units = [("head", head_tensors())] + [(f"layer.{i}", layer_tensors(i)) for i in range(NUM_LAYERS)]
+    out = []
+    for unit, ts in units:
+        specs = []
+        for name, a in ts:
+            for n, b in (to_compressed_tensors(name, a) if fmt == "compressed-tensors" else [(name, a)]):
+                b = np.asarray(b)
+                specs.append((n, st_dtype(b.dtype), b.shape, b.nbytes))
+        out.append((unit, specs))
+    return out
+
+
 def write_all(out, extra_files=(), *, shard_size=20_000, stop_after=None, fmt="modelopt", resume=False,
-              overwrite=False):
-    """Convert the synthetic model unit by unit; stop_after=k leaves the run unfinished after k units."""
-    w = CheckpointWriter(out, shard_size=shard_size, resume=resume, overwrite=overwrite, fmt=fmt)
+              overwrite=False, planned=False, verify_checksums=True):
+    """Convert the synthetic model unit by unit; stop_after=k leaves the run unfinished after k units.
+    planned=True: the one-process planned writer (layout up front, tensors written in place)."""
+    if planned:
+        w = open_planned_writer(out, planned_units(fmt), shard_size=shard_size, resume=resume, overwrite=overwrite,
+                                fmt=fmt, verify_checksums=verify_checksums)
+    else:
+        w = CheckpointWriter(out, shard_size=shard_size, resume=resume, overwrite=overwrite, fmt=fmt)
     units = [("head", head_tensors)] + [(f"layer.{i}", lambda i=i: layer_tensors(i)) for i in range(NUM_LAYERS)]
     done = 0
     for unit, make in units:
@@ -211,23 +233,25 @@ DRIVER = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {root!r})
     import tests.test_writer as tw
-    from nvfp4_jax.checkpoint import CheckpointWriter
-    orig = CheckpointWriter.finish_unit
+    from nvfp4_jax.checkpoint.writer import {cls} as W
+    orig = W.finish_unit
     def slow_finish(self, unit, info=None):
         orig(self, unit, info)
         print("done", unit, flush=True)
         time.sleep(0.4)
-    CheckpointWriter.finish_unit = slow_finish
-    tw.write_all(sys.argv[1], resume=True)
+    W.finish_unit = slow_finish
+    tw.write_all(sys.argv[1], resume=True, planned={planned})
     print("finalized", flush=True)
     """
 )
 
 
-def test_sigkill_leaves_no_output_and_resumes_identically(tmp_path):
+@pytest.mark.parametrize("planned", [False, True], ids=["streaming", "planned"])
+def test_sigkill_leaves_no_output_and_resumes_identically(tmp_path, planned):
     ref = dir_bytes(write_all(tmp_path / "ref"))
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(root=str(Path(__file__).resolve().parents[1])))
+    driver.write_text(DRIVER.format(root=str(Path(__file__).resolve().parents[1]), planned=planned,
+                                    cls="PlannedWriter" if planned else "CheckpointWriter"))
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, str(driver), str(out)], stdout=subprocess.PIPE, text=True, env=env,
@@ -255,6 +279,88 @@ def test_sigkill_leaves_no_output_and_resumes_identically(tmp_path):
     assert "done head" not in res.stdout and "done layer.0" not in res.stdout  # skipped, not redone
     assert dir_bytes(out) == ref
     assert not (tmp_path / "out.partial").exists()
+
+
+# --------------------------------------------------------------------------- one-process planned writer
+
+
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_planned_writer_gives_the_streaming_bytes(tmp_path, fmt):
+    ref = dir_bytes(write_all(tmp_path / "ref", fmt=fmt))
+    assert sum(f.endswith(".safetensors") for f in ref) > 2
+    assert dir_bytes(write_all(tmp_path / "out", fmt=fmt, planned=True)) == ref
+
+
+def test_planned_writer_writes_each_tensor_once_in_place(tmp_path):
+    """No body or scratch file: the final shards exist from the start, at their final size, and
+    the only other files are the plan and the manifest (gone once finalized)."""
+    w = open_planned_writer(tmp_path / "out", planned_units(), shard_size=20_000)
+    part = tmp_path / "out.partial"
+    sizes = {f: part.joinpath(f).stat().st_size for f in w.files}
+    assert sorted(p.name for p in part.iterdir()) == sorted([*w.files, "plan.json"])
+    for name, a in head_tensors():
+        w.add(name, a)
+    w.finish_unit("head")
+    assert sorted(p.name for p in part.iterdir()) == sorted([*w.files, "plan.json", "manifest.json"])
+    assert {f: part.joinpath(f).stat().st_size for f in w.files} == sizes
+    assert '"head"' in (part / "manifest.json").read_text()
+    w.close()
+
+
+@pytest.mark.parametrize("stop_after", [0, 2, 4])
+def test_planned_resume_is_byte_identical(tmp_path, stop_after):
+    ref = dir_bytes(write_all(tmp_path / "ref"))
+    assert write_all(tmp_path / "out", stop_after=stop_after, planned=True) is None
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "plan.json").exists()
+    assert dir_bytes(write_all(tmp_path / "out", resume=True, planned=True)) == ref
+
+
+def test_planned_resume_checks_the_finished_units_bytes(tmp_path):
+    ref = dir_bytes(write_all(tmp_path / "ref"))
+    write_all(tmp_path / "out", stop_after=3, planned=True)
+    part = tmp_path / "out.partial"
+    name = "model.layers.1.mlp.down_proj.weight"  # in a finished unit
+    shard = next(p for p in sorted(part.glob("model-*.safetensors")) if name in read_header(p)[0])
+    at = read_header(shard)[0][name].start + 7
+    with open(shard, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="layer.1 .* do not match their checksum"):
+        write_all(tmp_path / "out", resume=True, planned=True)
+    assert not (tmp_path / "out").exists()
+    with open(shard, "r+b") as f:  # repaired: the resume goes through
+        f.seek(at)
+        f.write(b)
+    assert dir_bytes(write_all(tmp_path / "out", resume=True, planned=True)) == ref
+
+
+def test_planned_writer_resumes_a_streaming_partial_as_it_was_started(tmp_path):
+    """A partial output of the streaming writer (an earlier version of convert) is continued by the
+    streaming writer; the planned one and a streaming resume of a planned partial refuse each other."""
+    ref = dir_bytes(write_all(tmp_path / "ref"))
+    write_all(tmp_path / "out", stop_after=2)
+    assert dir_bytes(write_all(tmp_path / "out", resume=True, planned=True)) == ref
+    write_all(tmp_path / "p", stop_after=2)
+    with pytest.raises(CheckpointError, match="streaming writer"):
+        PlannedWriter(tmp_path / "p", planned_units(), shard_size=20_000, num_processes=2, resume=True).prepare()
+    write_all(tmp_path / "q", stop_after=2, planned=True)
+    with pytest.raises(CheckpointError, match="same --num-processes"):
+        write_all(tmp_path / "q", resume=True)
+
+
+def test_planned_writer_refuses_a_tensor_outside_the_plan_and_missing_ones(tmp_path):
+    w = open_planned_writer(tmp_path / "out", planned_units(), shard_size=20_000)
+    with pytest.raises(CheckpointError, match="not in the output plan"):
+        w.add("model.layers.9.x", np.zeros(3, np.float32))
+    for name, a in head_tensors():
+        w.add(name, a)
+    w.finish_unit("head")
+    qc, hf = modelopt_configs([], "x")
+    with pytest.raises(CheckpointError, match="did not finish layer.0"):
+        w.finalize(source_config(), hf, quantization_config=qc)
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- compressed-tensors format

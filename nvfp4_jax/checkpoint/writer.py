@@ -30,11 +30,14 @@ index, ``config.json``, ``hf_quant_config.json``, the report and the extra files
 shard header to check that each tensor is listed exactly once, and only then renames
 ``OUT.partial`` to ``OUT``.  A killed run therefore never leaves ``OUT``.
 
-:class:`PlannedWriter` gives the same files when many processes write one checkpoint together
-(``nvfp4_jax.distributed``): the whole layout (every tensor's name, dtype and shape, in the order
-this writer would receive them) is known before any data exists, so shard boundaries, headers and
-byte offsets are computed up front with the same rule (:func:`starts_new_shard`), the shard files
-are created at their final size, and every process writes its own tensors at their offsets.
+:class:`PlannedWriter` gives the same files when the whole layout (every tensor's name, dtype and
+shape, in the order this writer would receive them) is known before any data exists: shard
+boundaries, headers and byte offsets are computed up front with the same rule
+(:func:`starts_new_shard`), the shard files are created at their final size, and each tensor is
+written once, at its offset, into its final file (no body file, no copy, no re-read for hashing).
+``nvfp4_jax.pipeline.convert`` uses it for every run: one process (:func:`open_planned_writer`),
+or many processes writing one checkpoint together (``nvfp4_jax.distributed``).
+:class:`CheckpointWriter` stays the writer for callers that do not know the layout up front.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -178,8 +182,9 @@ class CheckpointWriter:
         if resume and (self.partial / PLAN_NAME).exists():
             plan = _read_json(self.partial / PLAN_NAME, "plan")
             raise CheckpointError(
-                f"cannot resume {self.partial} in one process: it was started by a distributed run of "
-                f"{plan.get('num_processes')} processes; resume it with the same --num-processes")
+                f"cannot resume {self.partial} with the streaming writer: it was laid out in advance by a "
+                f"planned run of {plan.get('num_processes')} process(es) (nvfp4-jax convert); resume it with "
+                "nvfp4-jax convert --resume and the same --num-processes")
         if resume and (self.partial / MANIFEST).exists():
             self._resume(verify_checksums)
         else:
@@ -455,18 +460,22 @@ class PlannedWriter:
     Every process builds the writer from the same units; process 0 calls :meth:`prepare` (creates
     ``OUT.partial`` with ``plan.json`` and every shard file at its final size, header included),
     then every process calls :meth:`open` and :meth:`add` for its own tensors only;
-    :meth:`finish_unit` makes the process's writes durable and records the unit (and the tensors it
-    wrote) in its own ``manifest-p{I}-of-{N}.json``, which is what ``--resume`` continues from.
-    Process 0 ends with :meth:`finalize`, given every process's :meth:`manifest`: it checks that each
-    planned tensor was written by exactly one process, then writes index/configs/report and renames
-    ``OUT.partial`` to ``OUT`` like :class:`CheckpointWriter`.
+    :meth:`finish_unit` makes the process's writes durable and records the unit (the tensors it
+    wrote, and a CRC-32 of their bytes computed as they were written) in its own
+    ``manifest-p{I}-of-{N}.json`` (``manifest.json`` for a single process), which is what
+    ``--resume`` continues from (the finished units' bytes are re-checked against their CRC-32
+    unless verify_checksums=False).  Process 0 ends with :meth:`finalize`, given every process's
+    :meth:`manifest`: it checks that each planned tensor was written by exactly one process, then
+    writes index/configs/report and renames ``OUT.partial`` to ``OUT`` like :class:`CheckpointWriter`.
+    A single process can use :func:`open_planned_writer` (prepare + open) and call ``finalize``
+    without ``manifests``.
     """
 
     def __init__(self, out_dir, units, *, shard_size=5e9, fmt="modelopt", process_id=0, num_processes=1,
-                 resume=False, overwrite=False):
+                 resume=False, overwrite=False, verify_checksums=True):
         self.out_dir, self.partial, self.shard_size = _output_paths(out_dir, shard_size, fmt)
         self.fmt, self.process_id, self.num_processes = fmt, int(process_id), int(num_processes)
-        self.resume, self.overwrite = resume, overwrite
+        self.resume, self.overwrite, self.verify_checksums = resume, overwrite, verify_checksums
         self.unit_order = [u for u, _ in units]
         specs = [(str(n), str(d), tuple(int(x) for x in s), int(b)) for _, ts in units for n, d, s, b in ts]
         names = [s[0] for s in specs]
@@ -492,10 +501,13 @@ class PlannedWriter:
         plan = {"version": MANIFEST_VERSION, "fmt": fmt, "shard_size": self.shard_size,
                 "num_processes": self.num_processes, "units": [[u, [list(t) for t in ts]] for u, ts in units]}
         self.digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-        self.manifest_path = self.partial / f"manifest-p{self.process_id}-of-{self.num_processes}.json"
+        self.manifest_path = self.partial / (
+            MANIFEST if self.num_processes == 1 else f"manifest-p{self.process_id}-of-{self.num_processes}.json")
         self.units: dict[str, dict] = {}
         self.written: dict[str, list[str]] = {}  # unit -> tensors this process wrote
+        self.crc32: dict[str, int] = {}  # unit -> CRC-32 of those tensors' bytes, in written order
         self._pending: list[str] = []
+        self._pending_crc = 0
         self._added: set[str] = set()
         self._fds: dict[int, int] = {}
         self._dirty: set[int] = set()
@@ -513,7 +525,8 @@ class PlannedWriter:
             return
         if self.resume and (self.partial / MANIFEST).exists():
             raise CheckpointError(f"cannot resume {self.partial} with {self.num_processes} processes: it was started by "
-                                  "a single-process run; resume it without --num-processes")
+                                  "the streaming writer (a single-process run of an earlier version); resume it "
+                                  "without --num-processes")
         if self.partial.exists():
             if not (self.overwrite or self.resume):
                 raise CheckpointError(
@@ -562,7 +575,44 @@ class PlannedWriter:
                 raise CheckpointError(f"resume manifest {self.manifest_path} belongs to another plan; "
                                       f"delete {self.partial} and start over")
             self.units, self.written = m["units"], m["tensors"]
+            self.crc32 = {u: int(c) for u, c in m.get("crc32", {}).items()}
             self._added = {n for ts in self.written.values() for n in ts}
+            if self.verify_checksums:
+                self._verify_written()
+
+    def _verify_written(self) -> None:
+        """On resume: re-read the tensors of every finished unit and check their CRC-32."""
+        fds: dict[int, int] = {}
+        try:
+            for unit, names in self.written.items():
+                if unit not in self.crc32:  # a manifest without checksums (an earlier version)
+                    continue
+                crc = 0
+                ranges: list[list[int]] = []  # [file, start, end], runs of adjacent tensors merged
+                for n in names:
+                    i, offset, _, _, nbytes = self.where[n]
+                    if ranges and ranges[-1][0] == i and ranges[-1][2] == offset:
+                        ranges[-1][2] += nbytes
+                    else:
+                        ranges.append([i, offset, offset + nbytes])
+                for i, start, end in ranges:
+                    fd = fds.get(i)
+                    if fd is None:
+                        fd = fds[i] = os.open(self.partial / self.files[i], os.O_RDONLY)
+                    while start < end:
+                        chunk = os.pread(fd, min(_CHUNK, end - start), start)
+                        if not chunk:
+                            raise CheckpointError(f"cannot resume: {self.partial / self.files[i]} is shorter than "
+                                                  f"planned; delete {self.partial} and start over")
+                        crc = zlib.crc32(chunk, crc)
+                        start += len(chunk)
+                if crc != self.crc32[unit]:
+                    raise CheckpointError(
+                        f"cannot resume: the bytes of {unit} in {self.partial} do not match their checksum in "
+                        f"{self.manifest_path}; delete {self.partial} and start over")
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def is_done(self, unit: str) -> bool:
         return unit in self.units
@@ -571,7 +621,8 @@ class PlannedWriter:
         return dict(self.units)
 
     def manifest(self) -> dict:
-        return {"process_id": self.process_id, "digest": self.digest, "units": self.units, "tensors": self.written}
+        return {"process_id": self.process_id, "digest": self.digest, "units": self.units, "tensors": self.written,
+                "crc32": self.crc32}
 
     def add(self, name: str, array) -> None:
         """Write one of this process's tensors at its planned place."""
@@ -594,6 +645,7 @@ class PlannedWriter:
             done = 0
             while done < nbytes:  # pwrite may write less than asked (e.g. above 2 GB)
                 done += os.pwrite(fd, buf[done:], offset + done)
+            self._pending_crc = zlib.crc32(buf, self._pending_crc)
             self._dirty.add(i)
             self._pending.append(n)
             self._added.add(n)
@@ -608,7 +660,9 @@ class PlannedWriter:
         self._dirty.clear()
         self.units[unit] = json.loads(json.dumps(info or {}))
         self.written[unit] = list(self._pending)
+        self.crc32[unit] = self._pending_crc
         self._pending = []
+        self._pending_crc = 0
         _atomic_write_text(self.manifest_path, json.dumps({"version": MANIFEST_VERSION, **self.manifest()}))
         fsync_dir(self.partial)
 
@@ -618,12 +672,16 @@ class PlannedWriter:
         self._fds.clear()
 
     def finalize(self, config: dict, quant_config: dict | None, extra_files=(), report: dict | None = None, *,
-                 manifests, units: dict | None = None, quantization_config: dict | None = None) -> Path:
+                 manifests=None, units: dict | None = None, quantization_config: dict | None = None) -> Path:
         """Process 0, after every process finished: check coverage, write the rest, rename.
 
-        manifests: every process's :meth:`manifest`.  units: the finished units' info for the
-        report (default: this process's)."""
+        manifests: every process's :meth:`manifest` (may be left out when there is one process).
+        units: the finished units' info for the report (default: this process's)."""
         self._check_open()
+        if manifests is None:
+            if self.num_processes != 1:
+                raise CheckpointError("finalize needs every process's manifest (manifests=) in a multi-process run")
+            manifests = [self.manifest()]
         self.close()
         config = dict(config)
         if quantization_config is not None:
@@ -650,7 +708,7 @@ class PlannedWriter:
                 total += e.nbytes
         _publish(self.partial, self.out_dir, self.overwrite, self.files, weight_map, total, config, quant_config,
                  extra_files, report, self.units if units is None else units,
-                 scratch=[self.partial / PLAN_NAME, *self.partial.glob("manifest-p*-of-*.json")])
+                 scratch=[self.partial / PLAN_NAME, self.manifest_path, *self.partial.glob("manifest-p*-of-*.json")])
         self._finalized = True
         return self.out_dir
 
@@ -664,3 +722,22 @@ class PlannedWriter:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def open_planned_writer(out_dir, units, *, shard_size=5e9, fmt="modelopt", resume=False, overwrite=False,
+                        verify_checksums=True):
+    """The writer of a single-process run whose layout is known up front (``units`` as for
+    :class:`PlannedWriter`): a prepared and opened one-process :class:`PlannedWriter`, so every
+    tensor is written once, in place, into its final shard.  A partial output of the streaming
+    :class:`CheckpointWriter` (``manifest.json`` and no ``plan.json``, left by an earlier version)
+    is resumed with that writer instead, so its bytes stay those of the run it continues."""
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if resume and (partial / MANIFEST).exists() and not (partial / PLAN_NAME).exists():
+        return CheckpointWriter(out_dir, shard_size=shard_size, overwrite=overwrite, resume=True, fmt=fmt,
+                                verify_checksums=verify_checksums)
+    writer = PlannedWriter(out_dir, units, shard_size=shard_size, fmt=fmt, process_id=0, num_processes=1,
+                           resume=resume, overwrite=overwrite, verify_checksums=verify_checksums)
+    writer.prepare()
+    writer.open()
+    return writer
