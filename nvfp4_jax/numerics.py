@@ -21,7 +21,6 @@ division. So no result here depends on how the backend divides:
 
 from __future__ import annotations
 
-
 from typing import Optional
 
 import flax.struct
