@@ -63,16 +63,8 @@ def copy_ckpt(src, dst):
     return Path(dst)
 
 
-class Ckpt:
-    """Edit a single-file checkpoint in a tmp dir."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.file = next(self.root.glob("*.safetensors"))
-        self.t, self.meta = read_st(self.file)
-
-    def save(self):
-        write_st(self.file, self.t, self.meta)
+class _ConfigFiles:
+    """config.json / hf_quant_config.json helpers shared by the checkpoint fixtures."""
 
     def cfg(self, fn="config.json"):
         return json.loads((self.root / fn).read_text())
@@ -90,6 +82,19 @@ class Ckpt:
 
     def excludes(self):
         return self.cfg("hf_quant_config.json")["quantization"]["exclude_modules"]
+
+
+class Ckpt(_ConfigFiles):
+    """Edit a single-file checkpoint in a tmp dir."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.file = next(self.root.glob("*.safetensors"))
+        self.t, self.meta = read_st(self.file)
+
+    def save(self):
+        write_st(self.file, self.t, self.meta)
+
 
 
 def messages(findings):
@@ -207,7 +212,7 @@ def make_moe_ckpt(root, preset="all", seed=0):
     return root
 
 
-class Sharded:
+class Sharded(_ConfigFiles):
     """Edit tensors of a sharded checkpoint by name."""
 
     def __init__(self, root):
@@ -231,22 +236,6 @@ class Sharded:
         (self.root / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": self.wm}))
 
-    def cfg(self, fn="config.json"):
-        return json.loads((self.root / fn).read_text())
-
-    def set_cfg(self, obj, fn="config.json"):
-        (self.root / fn).write_text(json.dumps(obj, indent=1))
-
-    def set_excludes(self, lst):
-        hq = self.cfg("hf_quant_config.json")
-        hq["quantization"]["exclude_modules"] = lst
-        self.set_cfg(hq, "hf_quant_config.json")
-        c = self.cfg()
-        c["quantization_config"]["ignore"] = lst
-        self.set_cfg(c)
-
-    def excludes(self):
-        return self.cfg("hf_quant_config.json")["quantization"]["exclude_modules"]
 
 
 @pytest.fixture
