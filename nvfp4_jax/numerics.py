@@ -360,6 +360,21 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _check_amax_shape(w, amax) -> None:
+    """``amax`` is ``[]`` (one tensor scale) or exactly ``w.shape[:-2]`` (one per leading index).
+
+    A prefix of the leading shape is refused: it would broadcast against the trailing leading axes
+    (numpy aligns shapes on the right), which silently applies it along the wrong axis."""
+    a = jnp.asarray(amax)
+    if not jnp.issubdtype(a.dtype, jnp.floating) and not jnp.issubdtype(a.dtype, jnp.integer):
+        raise TypeError(f"weight_amax must be a number, got {a.dtype}")
+    lead = tuple(w.shape[:-2])
+    if a.ndim and tuple(a.shape) != lead:
+        raise ValueError(
+            f"weight_amax of shape {tuple(a.shape)} does not fit the tensor of shape {tuple(w.shape)}: "
+            f"use a scalar [] or one value per leading index, shape {list(lead)}")
+
+
 def _check_input(w, amax) -> None:
     shape = tuple(w.shape)
     if not jnp.issubdtype(w.dtype, jnp.floating):
@@ -371,13 +386,7 @@ def _check_input(w, amax) -> None:
             f"K (last axis) must be a multiple of {BLOCK} for NVFP4, got shape {shape}; "
             "leave this linear unquantized instead of padding it")
     if amax is not None:
-        a = jnp.asarray(amax)
-        if not jnp.issubdtype(a.dtype, jnp.floating) and not jnp.issubdtype(a.dtype, jnp.integer):
-            raise TypeError(f"weight_amax must be a number, got {a.dtype}")
-        if a.ndim > max(w.ndim - 2, 0) or tuple(a.shape) != tuple(shape[:a.ndim]):
-            raise ValueError(
-                f"weight_amax of shape {tuple(a.shape)} does not match the leading axes of the "
-                f"tensor of shape {shape} (use [] or one value per leading index)")
+        _check_amax_shape(w, amax)
     if not (_is_concrete(w) and (amax is None or _is_concrete(amax))):
         return  # under jit: value checks are the caller's job
     amax_ndim = 0 if amax is None else jnp.ndim(amax)
@@ -422,8 +431,10 @@ def quantize(w, weight_amax=None, *, check: bool = True) -> NVFP4Tensor:
     """Quantize ``w`` ``[..., N, K]`` to NVFP4, bit-identical to ModelOpt's export.
 
     ``weight_amax``: ``None`` takes max |w| over the whole tensor (the lazy rule of SPEC section 5);
-    a scalar is a caller's (group) amax; a ``[E]`` array for an ``[E, N, K]`` tensor gives one
-    tensor scale per expert, with the same bytes as quantizing each expert alone.
+    a scalar is a caller's (group) amax; an array of shape ``w.shape[:-2]`` (``[E]`` for an
+    ``[E, N, K]`` tensor) gives one tensor scale per leading index, with the same bytes as
+    quantizing each ``[N, K]`` slice alone. Any other shape is a ValueError (checked even with
+    ``check=False``: it costs nothing and is static under jit).
 
     >>> t = quantize(jnp.linspace(-6, 6, 32, dtype=jnp.float32).reshape(2, 16))
     >>> t.weight.shape, t.weight_scale.shape, t.weight_scale_2.shape
@@ -432,6 +443,8 @@ def quantize(w, weight_amax=None, *, check: bool = True) -> NVFP4Tensor:
     w = jnp.asarray(w)
     if check:
         _check_input(w, weight_amax)
+    elif weight_amax is not None:
+        _check_amax_shape(w, weight_amax)
     if weight_amax is None:  # the tensor amax comes from the block maxima, in the same pass
         return _quantize_own_amax_jit(w)
     return _quantize_jit(w, jnp.asarray(weight_amax, _F32))

@@ -41,6 +41,43 @@ def test_per_expert_amax_equals_each_expert_alone():
         assert np.float32(stacked.weight_scale_2[e]) == np.float32(alone.weight_scale_2)
 
 
+def test_amax_per_leading_index_of_4d_tensor_equals_each_slice_alone():
+    # A == B, and a different amax for every (a, b): applying the amax along the wrong leading
+    # axis (or transposed) changes the bytes of some slice
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((2, 2, 8, 32)) * np.array([1e-2, 1.0, 3.0, 40.0]).reshape(2, 2, 1, 1))
+    w = w.astype(ml_dtypes.bfloat16)
+    own = np.abs(w.astype(np.float32)).max(axis=(-2, -1))
+    amax = (own * np.array([[1.0, 1.5], [2.25, 3.5]])).astype(np.float32)  # group amaxes >= own
+    t = nq.quantize(jnp.asarray(w), jnp.asarray(amax))
+    assert t.weight_scale_2.shape == (2, 2)
+    for a in range(2):
+        for b in range(2):
+            alone = nq.quantize(jnp.asarray(w[a, b]), float(amax[a, b]))
+            np.testing.assert_array_equal(np.asarray(t.weight[a, b]), np.asarray(alone.weight))
+            np.testing.assert_array_equal(nq.fp8_bytes(t.weight_scale[a, b]), nq.fp8_bytes(alone.weight_scale))
+            expect_s2 = np.float32(np.float64(amax[a, b]) / 2688.0)  # correctly rounded f32 division
+            assert np.float32(t.weight_scale_2[a, b]).view(np.uint32) == expect_s2.view(np.uint32)
+
+
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("amax_shape", [(2,), (1,), (2, 1), (2, 2, 1), (3, 2)])
+def test_amax_of_other_than_scalar_or_full_leading_shape_is_refused(check, amax_shape):
+    w = jnp.ones((2, 2, 4, 16), jnp.float32)
+    with pytest.raises(ValueError, match=r"weight_amax of shape .* use a scalar \[\] or one value per leading index, shape \[2, 2\]"):
+        nq.quantize(w, jnp.full(amax_shape, 2.0, jnp.float32), check=check)
+
+
+def test_amax_shape_is_checked_under_jit():
+    with pytest.raises(ValueError, match="weight_amax of shape"):
+        jax.jit(lambda w, a: nq.quantize(w, a, check=False))(jnp.ones((3, 4, 16)), jnp.ones((4,)))
+
+
+def test_amax_for_2d_tensor_must_be_scalar():
+    with pytest.raises(ValueError, match="weight_amax of shape"):
+        nq.quantize(jnp.ones((4, 16), jnp.float32), jnp.ones((1,), jnp.float32))
+
+
 def test_group_amax_shares_tensor_scale():
     a = jnp.ones((4, 32), jnp.bfloat16)
     b = 3 * jnp.ones((4, 32), jnp.bfloat16)
