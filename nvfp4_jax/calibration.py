@@ -15,10 +15,12 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
+from nvfp4_jax.errors import NVFP4Error
+
 MOE_POLICIES = ("layer-max", "per-expert")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(NVFP4Error, ValueError):
     """Calibration cannot give a valid scale (e.g. no expert of a MoE layer saw a token)."""
 
 

@@ -56,12 +56,13 @@ from pathlib import Path
 from typing import Optional
 
 from nvfp4_jax.calibration import CalibStats
+from nvfp4_jax.errors import NVFP4Error, UsageError
 
 _PREFIX = "nvfp4_jax"
 _POLL_S = 1.0
 
 
-class DistributedError(RuntimeError):
+class DistributedError(NVFP4Error, RuntimeError):
     """Another process failed or vanished, or the processes disagree; the message names it."""
 
 
@@ -259,11 +260,11 @@ def initialize(coordinator: Optional[str], num_processes: int, process_id: int, 
     from jax._src import distributed as jax_distributed
 
     if not coordinator:
-        raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (the address of process 0)")
+        raise UsageError("--num-processes > 1 needs --coordinator HOST:PORT (the address of process 0)")
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ValueError(f"--process-id must be in 0..{num_processes - 1}, got {process_id}")
+        raise UsageError(f"--process-id must be in 0..{num_processes - 1}, got {process_id}")
     if not timeout_s > 0:
-        raise ValueError(f"--timeout must be > 0, got {timeout_s}")
+        raise UsageError(f"--timeout must be > 0, got {timeout_s}")
     # a lost process is reported to the survivors (get_live_nodes) instead of aborting them all
     jax.config.update("jax_enable_recoverability", True)
     secs = max(1, int(round(timeout_s)))

@@ -37,6 +37,7 @@ import numpy as np
 
 from nvfp4_jax import numerics
 from nvfp4_jax.checkpoint.safetensors_io import CheckpointError, FileCache, read_header
+from nvfp4_jax.errors import NVFP4Error
 
 # Held-out text: none of it appears in examples.CALIBRATION_TEXT. Mixed prose, code, numbers and
 # several scripts so byte-level and BPE tokenizers alike see varied tokens (about 2,300 bytes).
@@ -71,7 +72,7 @@ She folded the letter twice, sealed it with green wax, and left it on the desk b
 """
 
 
-class EvalError(ValueError):
+class EvalError(NVFP4Error, ValueError):
     """The checkpoints cannot be evaluated (format, names or shapes); the message says why."""
 
 
@@ -511,11 +512,11 @@ def run_eval(src: Path, ckpt: Path, out=None, num_samples: int = 8, seq_len: int
         try:
             text_str = Path(text).read_text(encoding="utf-8")
         except OSError as e:
-            raise SystemExit(f"error: cannot read --text {text}: {e}") from None
+            raise EvalError(f"cannot read --text {text}: {e}") from None
     try:
         report, kl = evaluate(src, ckpt, num_samples=num_samples, seq_len=seq_len, text=text_str)
     except (EvalError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise EvalError(str(e)) from None
     if text is not None:
         report["text"] = str(text)
     out.mkdir(parents=True, exist_ok=True)

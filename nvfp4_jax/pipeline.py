@@ -28,6 +28,7 @@ from nvfp4_jax.checkpoint import formats
 from nvfp4_jax.checkpoint.layout import default_preset, get_layout
 from nvfp4_jax.checkpoint.reader import CheckpointReader
 from nvfp4_jax.checkpoint.writer import open_planned_writer
+from nvfp4_jax.errors import NVFP4Error, UsageError
 
 PRODUCER_VERSION = f"nvfp4_jax-{__version__}"
 _EXPERT_CHUNK = 64  # experts quantized per jitted call (bounds the stacked copy)
@@ -98,7 +99,7 @@ def _layer_of(name: str) -> Optional[int]:
     return None
 
 
-class ConversionError(RuntimeError):
+class ConversionError(NVFP4Error, RuntimeError):
     """The conversion cannot proceed; the message names the tensor or layer."""
 
 
@@ -117,14 +118,14 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
     t_start = time.perf_counter()
     phase = {"read": 0.0, "calibrate": 0.0, "quantize": 0.0, "write": 0.0}
     if opt.moe_policy not in MOE_POLICIES:
-        raise ValueError(f"unknown --moe-policy {opt.moe_policy!r}; choose one of {MOE_POLICIES}")
+        raise UsageError(f"unknown --moe-policy {opt.moe_policy!r}; choose one of {MOE_POLICIES}")
     calibrated = opt.input_scale_constant is None
     if calibrated and not opt.calib_tokens:
-        raise ValueError("no calibration data: pass calibration text/tokens, or --input-scale-constant "
+        raise UsageError("no calibration data: pass calibration text/tokens, or --input-scale-constant "
                          "1.0 for a calibration-free run (SPEC section 3)")
     if opt.input_scale_constant is not None and not (opt.input_scale_constant > 0
                                                       and np.isfinite(opt.input_scale_constant)):
-        raise ValueError(f"--input-scale-constant must be finite and > 0, got {opt.input_scale_constant}")
+        raise UsageError(f"--input-scale-constant must be finite and > 0, got {opt.input_scale_constant}")
     dtype = jnp.dtype(opt.compute_dtype)
 
     reader = CheckpointReader(src)  # validates every file before anything is written
@@ -154,10 +155,10 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
             samples = [s[:opt.seq_len] for s in samples]
         samples = [s for s in samples if s]
         if not samples:
-            raise ValueError("calibration data is empty after --num-samples/--seq-len")
+            raise UsageError("calibration data is empty after --num-samples/--seq-len")
         vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 0))
         if vocab and max(max(s) for s in samples) >= vocab:
-            raise ValueError(f"calibration token id {max(max(s) for s in samples)} >= vocab_size {vocab}")
+            raise UsageError(f"calibration token id {max(max(s) for s in samples)} >= vocab_size {vocab}")
 
     layer_ids = sorted({i for i in (_layer_of(n) for n in names) if i is not None})
     n_layers = int(config.get("num_hidden_layers", len(layer_ids)))

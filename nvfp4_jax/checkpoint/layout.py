@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Sequence
 
+from nvfp4_jax.errors import NVFP4Error
+
 __all__ = [
     "PRESETS",
     "UnsupportedModelError",
@@ -84,11 +86,11 @@ VLLM_VISION_HINTS = ("vision_tower", "vision_model", "visual")
 DENSE_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(NVFP4Error, ValueError):
     """config.json names a model_type this project has no layout for."""
 
 
-class FusedShardMismatch(ValueError):
+class FusedShardMismatch(NVFP4Error, ValueError):
     """The exclude list names some but not all shards of a fused engine module (engine raises)."""
 
 

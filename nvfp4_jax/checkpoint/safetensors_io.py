@@ -23,6 +23,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from nvfp4_jax.errors import NVFP4Error
+
 # safetensors dtype string -> numpy dtype
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -47,7 +49,7 @@ _NUMPY_TO_ST = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NVFP4Error, ValueError):
     """A checkpoint (source or output) is missing, malformed or inconsistent."""
 
 

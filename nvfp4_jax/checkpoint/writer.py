@@ -53,6 +53,7 @@ import numpy as np
 
 from . import formats
 from .safetensors_io import CheckpointError, encode_header, fsync_dir, read_header, st_dtype
+from ..errors import UsageError
 
 MANIFEST = "manifest.json"
 PLAN_NAME = "plan.json"  # PlannedWriter: the layout every process agreed on
@@ -150,7 +151,7 @@ def _output_paths(out_dir, shard_size, fmt) -> tuple[Path, Path, int]:
     """(OUT, OUT.partial, shard size) after checking the writer's arguments."""
     out_dir = Path(out_dir)
     if int(shard_size) <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+        raise UsageError(f"shard_size must be positive, got {shard_size}")
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {FORMATS}")
     return out_dir, out_dir.with_name(out_dir.name + ".partial"), int(shard_size)

@@ -32,13 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nvfp4_jax.errors import NVFP4Error
+
 Params = Mapping[str, jax.Array]
 
 # LayerStats = {"input_amax": {module: f32[]}, "experts": None | {...}} (docs/INTERFACES.md)
 LayerStats = dict
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(NVFP4Error, ValueError):
     """A config.json or a set of tensors the model code cannot run."""
 
 
