@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+from nvfp4_jax import __version__
+from nvfp4_jax.errors import NVFP4Error, UsageError
 
 
 def _load_calibration(args, src: Path) -> list[list[int]] | None:
@@ -13,10 +17,10 @@ def _load_calibration(args, src: Path) -> list[list[int]] | None:
         try:
             d = json.loads(Path(args.calib_tokens).read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{args.calib_tokens}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise UsageError(f"{args.calib_tokens}: not valid JSON ({e.msg} at line {e.lineno})") from None
         ids = d.get("input_ids") if isinstance(d, dict) else None
         if not isinstance(ids, list) or not all(isinstance(s, list) for s in ids):
-            raise ValueError(f"{args.calib_tokens}: expected a JSON object whose 'input_ids' is a "
+            raise UsageError(f"{args.calib_tokens}: expected a JSON object whose 'input_ids' is a "
                              "list of token-id lists")
         return ids
     if args.calib:
@@ -24,7 +28,7 @@ def _load_calibration(args, src: Path) -> list[list[int]] | None:
 
         tok_path = src / "tokenizer.json"
         if not tok_path.exists():
-            raise ValueError(f"--calib needs the source's tokenizer.json, not found in {src}; "
+            raise UsageError(f"--calib needs the source's tokenizer.json, not found in {src}; "
                              "pass --calib-tokens instead")
         tok = Tokenizer.from_file(str(tok_path))
         path = Path(args.calib)
@@ -36,9 +40,9 @@ def _load_calibration(args, src: Path) -> list[list[int]] | None:
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                        raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
                     if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                        raise ValueError(f"{path}:{i}: a .jsonl record needs a 'text' string field")
+                        raise UsageError(f"{path}:{i}: a .jsonl record needs a 'text' string field")
                     texts.append(rec["text"])
             return [tok.encode(t).ids[:seq_len] for t in texts]
         ids = tok.encode(path.read_text()).ids
@@ -135,84 +139,125 @@ def cmd_eval(args) -> int:
                     seq_len=args.seq_len, text=args.text)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: argparse's ``(default: X)``, ``off`` for a flag,
+    or the help's own wording where the default is a rule rather than a value."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text:
+            return text
+        if action.nargs == 0 and action.default is False:  # store_true flags
+            return f"{text} (default: off)"
+        return super()._get_help_string(action)
+
+
+def _subcommand(sub, name: str, summary: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nvfp4-jax", description=__doc__)
+    p = argparse.ArgumentParser(prog="nvfp4-jax", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("convert", help="convert an HF checkpoint to ModelOpt NVFP4")
-    c.add_argument("src")
-    c.add_argument("out")
-    c.add_argument("--calib", help="calibration text (.txt, or .jsonl with a 'text' field per line)")
-    c.add_argument("--calib-tokens", help='JSON {"input_ids": [[...], ...]}, one sample per list')
-    c.add_argument("--num-samples", type=int)
-    c.add_argument("--seq-len", type=int)
-    c.add_argument("--batch-size", type=int, default=8)
+    c = _subcommand(sub, "convert", "convert an HF checkpoint to ModelOpt NVFP4")
+    c.add_argument("src", help="source checkpoint directory (config.json, *.safetensors)")
+    c.add_argument("out", help="output directory (built in OUT.partial, renamed when complete)")
+    c.add_argument("--calib", help="calibration text: .txt, or .jsonl with a 'text' field per line, "
+                                   "tokenized with SRC/tokenizer.json (default: none)")
+    c.add_argument("--calib-tokens", help='calibration token ids, JSON {"input_ids": [[...], ...]}, '
+                                          "one sample per list (default: none)")
+    c.add_argument("--num-samples", type=int,
+                   help="use only the first N calibration samples (default: all)")
+    c.add_argument("--seq-len", type=int,
+                   help="tokens per calibration sample: the window length for a --calib .txt, the "
+                        "truncation otherwise (default: 512 for --calib, no truncation for --calib-tokens)")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
     c.add_argument("--preset", choices=["all", "mlp_only", "experts_only"],
                    help="which linears to quantize (default: mlp_only for DeepSeek-V3/Kimi, all otherwise)")
-    c.add_argument("--moe-policy", choices=["layer-max", "per-expert"], default="layer-max")
+    c.add_argument("--moe-policy", choices=["layer-max", "per-expert"], default="layer-max",
+                   help="input amax of routed experts: the layer's max for every expert, or each "
+                        "expert's own (the layer's max for experts without tokens)")
     c.add_argument("--input-scale-constant", type=float,
-                   help="calibration-free: every input_scale = this value (NVIDIA ships 1.0)")
-    c.add_argument("--format", choices=["modelopt", "compressed-tensors"], default="modelopt")
-    c.add_argument("--shard-size", type=float, default=5e9, help="max bytes per shard (default 5e9)")
+                   help="calibration-free: every input_scale = this value, NVIDIA ships 1.0 "
+                        "(default: none, calibrate)")
+    c.add_argument("--format", choices=["modelopt", "compressed-tensors"], default="modelopt",
+                   help="output checkpoint format")
+    c.add_argument("--shard-size", type=float, default=5e9, help="max bytes per shard (default: 5e9)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT.partial")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    c.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-host, jax.distributed)")
-    c.add_argument("--num-processes", type=int, default=1)
-    c.add_argument("--process-id", type=int, default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress display")
+    c.add_argument("--coordinator", help="HOST:PORT of process 0 of a multi-process run, "
+                                         "jax.distributed (default: none, one process)")
+    c.add_argument("--num-processes", type=int, default=1, help="processes in the run")
+    c.add_argument("--process-id", type=int, default=0, help="index of this process, 0..N-1")
     c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for other processes")
     c.set_defaults(func=cmd_convert)
 
-    v = sub.add_parser("verify", help="check a checkpoint against what vLLM and SGLang require")
-    v.add_argument("ckpt")
-    v.add_argument("--json", action="store_true")
+    v = _subcommand(sub, "verify", "check a checkpoint against what vLLM and SGLang require")
+    v.add_argument("ckpt", help="converted checkpoint directory")
+    v.add_argument("--json", action="store_true", help="print the findings as JSON")
     v.set_defaults(func=cmd_verify)
 
-    e = sub.add_parser("eval", help="quality of an NVFP4 checkpoint against its source")
-    e.add_argument("src")
-    e.add_argument("ckpt")
-    e.add_argument("--out", help="directory for report JSON and plot (default CKPT/eval)")
-    e.add_argument("--text", help="held-out text file (default: built-in text)")
-    e.add_argument("--num-samples", type=int, default=8)
-    e.add_argument("--seq-len", type=int, default=64)
+    e = _subcommand(sub, "eval", "quality of an NVFP4 checkpoint against its source")
+    e.add_argument("src", help="source (unquantized) checkpoint directory")
+    e.add_argument("ckpt", help="its NVFP4 checkpoint directory")
+    e.add_argument("--out", help="directory for report JSON and plot (default: CKPT/eval)")
+    e.add_argument("--text", help="held-out text file (default: a built-in text)")
+    e.add_argument("--num-samples", type=int, default=8, help="held-out samples")
+    e.add_argument("--seq-len", type=int, default=64, help="tokens per held-out sample")
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)")
-    b.add_argument("what", choices=["quantize", "convert"])
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--no-torch", action="store_true", help="skip the torch_bridge baseline")
-    b.add_argument("--shape", action="append", help="NxK, repeatable (default: Kimi-K2 shapes)")
-    b.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
-    b.add_argument("--experts", type=int, default=8)
-    b.add_argument("--workdir", default=None)
+    b = _subcommand(sub, "bench", "benchmarks (see BENCHMARKS.md)")
+    b.add_argument("what", choices=["quantize", "convert"],
+                   help="quantize: one weight at a time; convert: whole kimi-k2-shaped checkpoints")
+    b.add_argument("--repeats", type=int, default=3, help="quantize: timed runs per shape (best kept)")
+    b.add_argument("--no-torch", action="store_true", help="quantize: skip the torch_bridge baseline")
+    b.add_argument("--shape", action="append", help="quantize: NxK, repeatable (default: Kimi-K2 shapes)")
+    b.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4],
+                   help="convert: decoder layers of each checkpoint")
+    b.add_argument("--experts", type=int, default=8, help="convert: routed experts per layer")
+    b.add_argument("--workdir", default=None,
+                   help="convert: where sources and outputs go (default: a new temp dir)")
     b.set_defaults(func=cmd_bench)
 
-    x = sub.add_parser("example", help="build a built-in example model, convert and verify it")
-    x.add_argument("name", choices=["kimi-k2-tiny", "llama-tiny", "kimi-k2-shaped"])
-    x.add_argument("out", nargs="?")
+    x = _subcommand(sub, "example", "build a built-in example model, convert and verify it")
+    x.add_argument("name", choices=["kimi-k2-tiny", "llama-tiny", "kimi-k2-shaped"], help="example model")
+    x.add_argument("out", nargs="?", help="output directory (default: out/NAME-nvfp4)")
     x.add_argument("--source", help="where to build the source checkpoint (default: a temp dir)")
-    x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--num-samples", type=int, default=16)
-    x.add_argument("--seq-len", type=int, default=64)
-    x.add_argument("--batch-size", type=int, default=8)
-    x.add_argument("--format", choices=["modelopt", "compressed-tensors"], default="modelopt")
-    x.add_argument("--layers", type=int, default=2, help="kimi-k2-shaped only")
-    x.add_argument("--experts", type=int, default=8, help="kimi-k2-shaped only")
+    x.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    x.add_argument("--num-samples", type=int, default=16, help="calibration samples")
+    x.add_argument("--seq-len", type=int, default=64, help="tokens per calibration sample")
+    x.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
+    x.add_argument("--format", choices=["modelopt", "compressed-tensors"], default="modelopt",
+                   help="output checkpoint format")
+    x.add_argument("--layers", type=int, default=2, help="kimi-k2-shaped only: decoder layers")
+    x.add_argument("--experts", type=int, default=8, help="kimi-k2-shaped only: routed experts per layer")
     x.set_defaults(func=cmd_example)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (some list several problems, one per line)."""
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+
+
 def main(argv=None) -> int:
+    """Run one subcommand. An :class:`NVFP4Error` (a reported problem with the input or the run)
+    or an ``OSError`` (a file problem) becomes one ``error:`` line and exit code 2; anything else
+    is a bug and keeps its traceback (as do these two with NVFP4_DEBUG set)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError) as e:
-        if "NVFP4_DEBUG" in __import__("os").environ:
+    except (NVFP4Error, OSError) as e:
+        if "NVFP4_DEBUG" in os.environ:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 
