@@ -26,7 +26,8 @@ class Progress:
     """``step(label)`` once per finished unit; ``total`` units in all.
 
     ``stream`` (default: ``sys.stderr`` at construction) and ``clock`` (seconds, monotonic) are
-    for tests; the display is a bar only when ``stream.isatty()``.
+    for tests; the display is a bar only when ``stream.isatty()``. Use it as a context manager
+    (or call :meth:`close`) so that a run that stops early ends the bar's line.
     """
 
     def __init__(self, total: int, enabled: bool, *, stream: Optional[TextIO] = None,
@@ -71,8 +72,20 @@ class Progress:
         self._bar.set_description_str(status, refresh=False)
         self._bar.update(1)
         if self.done >= self.total:
+            self.close()
+
+    def close(self) -> None:
+        """End the bar's line (a message printed after a failure then starts on its own row);
+        idempotent, a no-op off a terminal. Later steps, if any, print plain lines."""
+        if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _is_terminal(stream) -> bool:

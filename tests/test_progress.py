@@ -76,3 +76,13 @@ def test_disabled_writes_nothing_but_counts():
     p, etas = _run(stream, enabled=False)
     assert stream.getvalue() == ""
     assert p.done == 4 and etas[-1] == 20.0
+
+
+def test_closing_early_ends_the_bar_line_once():
+    stream = _Terminal()
+    with Progress(4, True, stream=stream, clock=_Clock(*TIMES)) as p:
+        p.step("layer.0")
+    p.close()
+    out = stream.getvalue()
+    assert out.endswith("\n") and out.count("\n") == 1
+    assert "1/4 layer.0  elapsed 100.0s  eta ?" in out
