@@ -1,0 +1,43 @@
+"""SIGTERM/SIGINT become one exception; non-finite values are named with their first index."""
+
+import os
+import signal
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvfp4_jax.finite import NonFiniteError, check_finite
+from nvfp4_jax.interrupts import Interrupted, signals_raise
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_raises_interrupted_and_restores_the_handler(sig):
+    before = signal.getsignal(sig)
+    with pytest.raises(Interrupted) as e:
+        with signals_raise():
+            os.kill(os.getpid(), sig)
+            for _ in range(10_000_000):  # the handler runs between bytecodes
+                pass
+    assert e.value.signum == sig and e.value.exit_code == 128 + sig
+    assert signal.getsignal(sig) is before
+
+
+def test_finite_tensors_pass_and_integers_are_ignored():
+    check_finite({"a": jnp.ones((4, 4), jnp.bfloat16), "ids": jnp.arange(3), "s": jnp.float32(2.0)})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_first_non_finite_value_is_named(bad):
+    w = np.ones((3, 5), np.float32)
+    w[2, 1] = bad
+    w[2, 4] = np.nan
+    with pytest.raises(NonFiniteError) as e:
+        check_finite({"model.norm.weight": jnp.asarray(w, jnp.bfloat16), "z.ok": jnp.zeros(2)}, "layer 3")
+    msg = str(e.value)
+    assert "model.norm.weight of layer 3" in msg and "[2, 1]" in msg and str(float(bad)) in msg
+
+
+def test_scalar_non_finite():
+    with pytest.raises(NonFiniteError, match=r"holds nan at index \[\]"):
+        check_finite({"bias": jnp.float32(np.nan)})

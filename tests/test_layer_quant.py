@@ -1,0 +1,52 @@
+"""quantize_layer: a layer's weights on device in a few calls, byte-identical to quantizing each
+weight alone with its group's amax (the group amax computed here independently, in numpy)."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from nvfp4_jax import numerics
+from nvfp4_jax.layer_quant import LayerQuantError, input_scales, quantize_layer
+
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = {"attn.q": (32, 64), "attn.k": (16, 64), "attn.v": (16, 64), "attn.o": (64, 32)}
+    shapes.update({f"experts.{e}.{p}": (48, 64) for e in range(5) for p in ("gate", "up")})
+    shapes.update({f"experts.{e}.down": (64, 48) for e in range(5)})
+    w = {m: (rng.standard_normal(s) * rng.uniform(0.01, 3)).astype(ml_dtypes.bfloat16) for m, s in shapes.items()}
+    w["experts.3.up"][:] = 0  # a zero member: its group amax is gate's
+    w["attn.o"][:] = 0  # a zero module alone
+    groups = [("attn.q", "attn.k", "attn.v")] + [(f"experts.{e}.gate", f"experts.{e}.up") for e in range(5)]
+    return w, groups
+
+
+@pytest.mark.parametrize("chunk", [64, 2])
+def test_bytes_equal_per_module_quantize_with_group_amax(chunk):
+    w, groups = _weights()
+    group_of = {m: g for g in groups for m in g}
+    got = quantize_layer({m: jnp.asarray(a) for m, a in w.items()}, groups, chunk=chunk)
+    for m, a in w.items():
+        members = group_of.get(m, (m,))
+        amax = np.float32(max(np.abs(w[x].astype(np.float32)).max() for x in members))
+        ref = numerics.quantize(jnp.asarray(a), amax)
+        t = got.tensors[m]
+        assert np.array_equal(np.asarray(ref.weight), t.weight), m
+        assert np.array_equal(np.asarray(ref.weight_scale).view(np.uint8), t.weight_scale.view(np.uint8)), m
+        assert np.asarray(ref.weight_scale_2, np.float32).tobytes() == t.weight_scale_2.tobytes(), m
+    assert got.zero_weight_amax == ["attn.o"]
+
+
+def test_nan_weight_is_named():
+    w, groups = _weights()
+    w["experts.2.down"][3, 7] = np.nan
+    with pytest.raises(LayerQuantError, match=r"experts\.2\.down\.weight: it holds NaN"):
+        quantize_layer({m: jnp.asarray(a) for m, a in w.items()}, groups)
+
+
+def test_input_scales_equal_scale_from_amax():
+    amax = {"a": 1.0, "b": 3.3, "c": 0.0}
+    got = input_scales(amax)
+    for m, v in amax.items():
+        assert got[m].tobytes() == np.asarray(numerics.scale_from_amax(np.float32(v)), np.float32).tobytes()
