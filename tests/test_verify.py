@@ -536,7 +536,8 @@ def test_index_and_truncation_errors(moe):
     s.save()
     f = sorted(moe.glob("*.safetensors"))[1]
     f.write_bytes(f.read_bytes()[:-10])
-    assert_caught(moe, "model.layers.0.ghost.weight: listed in the index", "truncated file")
+    assert_caught(moe, "model.layers.0.ghost.weight: tensor 'model.layers.0.ghost.weight' is listed in the index",
+                  "truncated file")
 
 
 def test_finding_line_format():
