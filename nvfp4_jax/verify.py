@@ -1,13 +1,14 @@
 """``nvfp4-jax verify CKPT``: check that an NVFP4 checkpoint will load in vLLM and SGLang.
 
 Works on ModelOpt NVFP4 checkpoints (ours or ModelOpt's own) and on compressed-tensors
-``nvfp4-pack-quantized`` checkpoints. Reads safetensors headers and the (small) scale tensors
-itself, with raw bytes and ml_dtypes, so it depends on nothing else in the package except the
-name rules of ``nvfp4_jax.checkpoint.layout``.
+``nvfp4-pack-quantized`` checkpoints. Scans the safetensors files leniently (every problem becomes
+a finding) and reads the (small) scale tensors as raw bytes, so it needs no JAX; the name rules
+come from ``nvfp4_jax.checkpoint.layout`` and the family specs.
 
 Checks (SPEC sections 1, 3, 4, 6):
   * config: ``quantization_config`` in config.json and hf_quant_config.json, consistent, with the
-    keys both engines need; no leftover source quantization block; DeepSeek/Kimi router keys;
+    keys both engines need; no leftover source quantization block; the config keys the family's
+    spec requires (DeepSeek/Kimi router keys);
   * tensors: for every quantized linear the four tensors with SPEC dtypes and shapes, K % 16 == 0,
     no NaN/Inf/zero/negative scale; no leftovers (weight_packed, weight_scale_inv, weight_shape,
     FP8 weights, stacked 3-D expert tensors); index and shard headers consistent;
@@ -30,20 +31,18 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from nvfp4_jax.checkpoint.safetensors_io import ERROR, WARNING, TensorEntry, scan_checkpoint
 from nvfp4_jax.checkpoint.layout import (
     FusedShardMismatch,
     Layout,
     get_layout,
     natural_key,
 )
+from nvfp4_jax.checkpoint.safetensors_io import ERROR, WARNING, TensorEntry, scan_checkpoint
+from nvfp4_jax.families import find_family_spec
 
 __all__ = ["Finding", "verify", "run_verify", "main"]
 
 INFO = "info"
-
-DEEPSEEK_ARCH_KEYS = ("topk_method", "scoring_func", "moe_layer_freq")
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -251,16 +250,13 @@ class _Verifier:
             self.add(ERROR, "config.json", "quantization_config.ignore missing")
 
     def check_arch(self):
-        cfg = self.config
-        mt = cfg.get("model_type")
-        tc = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-        if mt in ("deepseek_v3", "kimi_k2") or tc.get("model_type") in ("deepseek_v3", "kimi_k2"):
-            src = cfg if mt in ("deepseek_v3", "kimi_k2") else tc
-            for k in DEEPSEEK_ARCH_KEYS:
-                if k not in src:
-                    self.add(ERROR, "config.json", f"'{k}' missing: vLLM and SGLang read it for "
-                             f"DeepSeek-V3/Kimi-K2 routing and fail without it (transformers 5's "
-                             f"DeepseekV3Config does not write it)")
+        spec = find_family_spec(self.config)
+        if spec is None:
+            return
+        src = spec.text_config(self.config)
+        for k in spec.required_config_keys:
+            if k not in src:
+                self.add(ERROR, "config.json", f"'{k}' missing: {spec.required_config_reason}")
 
     # -- tensors ---------------------------------------------------------------------------
     def check_tensors(self, store: _Store, layout: Layout):

@@ -10,11 +10,30 @@ from nvfp4_jax.checkpoint.layout import (
     UnsupportedModelError,
     default_preset,
     get_layout,
-    is_excluded_sglang,
-    is_excluded_vllm,
+    sglang_match,
+    vllm_match,
 )
 
 from tests.paths import TINY_LLAMA as GOLDEN
+
+_LLAMA = get_layout({"model_type": "llama"})
+
+
+def is_excluded_vllm(module, exclude_list, *, layout=None, expand_star=True):
+    """Would vLLM load ``module`` (checkpoint or engine name) unquantized? Raises FusedShardMismatch
+    where vLLM raises."""
+    lay = layout or _LLAMA
+    return vllm_match(lay.engine_name(module, "vllm"), exclude_list, lay.packed("vllm"),
+                      expand_star=expand_star) is not None
+
+
+def is_excluded_sglang(module, exclude_list, *, layout=None, packed=False):
+    """Would SGLang load ``module`` unquantized? ``packed``: the quant config carries
+    packed_modules_mapping. Raises FusedShardMismatch where SGLang raises."""
+    lay = layout or _LLAMA
+    prefix = lay.engine_name(module, "sglang")
+    return sglang_match(prefix, exclude_list, lay.packed("sglang") if packed else None,
+                        is_moe=prefix.endswith(".experts")) is not None
 
 
 def llama_names(L=2):
