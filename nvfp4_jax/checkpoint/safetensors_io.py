@@ -239,27 +239,24 @@ def _scan_indexed(root: Path, index_path: Path, weight_map: dict, problems: _Pro
             problems.add(fname, f"index file {index_path} names {fname}, which does not exist in {root}")
             continue
         headers[fname], _ = _scan_file(root / fname, problems)
-    tensors: dict[str, TensorEntry] = {}
     for name, fname in weight_map.items():
-        if fname not in headers:
-            continue
-        entry = headers[fname].get(name)
-        if entry is None:
+        if fname in headers and name not in headers[fname]:
             problems.add(name, f"tensor {name!r} is listed in the index {index_path} under {fname}, but "
                                f"{root / fname} has no such tensor")
-        else:
-            tensors[name] = entry
+    tensors: dict[str, TensorEntry] = {}
     for fname, entries in headers.items():
         for name, entry in entries.items():
-            if weight_map.get(name) == fname:
-                continue
-            problems.add(name, f"tensor {name!r} is present in {root / fname} but the index says "
-                               f"{weight_map.get(name)!r}", readable=True)
+            indexed = weight_map.get(name) == fname
+            if not indexed:
+                problems.add(name, f"tensor {name!r} is present in {root / fname} but the index says "
+                                   f"{weight_map.get(name)!r}", readable=True)
             if name in tensors:
                 problems.add(name, f"tensor {name!r} stored twice ({tensors[name].file.name}, {fname})",
                              readable=True)
-            elif not problems.strict:
+            if indexed:
                 tensors[name] = entry
+            elif not problems.strict:
+                tensors.setdefault(name, entry)
     named = set(headers)
     for p in sorted(root.glob("*.safetensors")):
         if p.name not in named:
