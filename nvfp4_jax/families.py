@@ -94,9 +94,13 @@ class FamilySpec:
     def text_config(self, config: Mapping) -> Mapping:
         """The decoder's config: ``config[text_config_key]`` for a wrapper; otherwise the top
         level, or its ``text_config`` when only that one has ``num_hidden_layers``."""
-        if self.text_config_key is not None:
-            return config[self.text_config_key]
-        return _nested_text_config(config)
+        if self.text_config_key is None:
+            return _nested_text_config(config)
+        tc = config.get(self.text_config_key)
+        if not isinstance(tc, Mapping):
+            raise UnsupportedModelError(f"config.json has no {self.text_config_key!r} object, which the "
+                                        f"{self.name} family keeps its decoder's config in")
+        return tc
 
     def layer_index(self, name: str) -> int | None:
         return layer_index(name, self.layer_prefix)

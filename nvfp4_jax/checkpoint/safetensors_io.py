@@ -9,6 +9,11 @@ We parse headers ourselves so that a truncated file or an inconsistent header is
 file's name before any work starts, and we write files ourselves so that every dtype we need
 (``F8_E4M3``, ``BF16``, ``U8``, ``F32``, 0-d tensors) is written byte for byte the same way on
 every run.
+
+This module holds the project's only header parser, checkpoint-directory scanner and dtype table:
+``read_header`` (one file) and ``scan_checkpoint(root)`` raise CheckpointError at the first
+problem, as the source reader needs; ``scan_checkpoint(root, strict=False)`` returns every problem
+as a :class:`ScanProblem`, as ``verify`` needs to report them all.
 """
 
 from __future__ import annotations
