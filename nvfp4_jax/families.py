@@ -110,10 +110,6 @@ class FamilySpec:
         tc = self.text_config(config)
         return tuple(g for g in self.fused if g.needs is None or tc.get(g.needs))
 
-    def engine_packed(self, config: Mapping, engine: str) -> dict[str, list[str]]:
-        """The engine's packed-modules mapping: fused leaf -> member leaves."""
-        return {g.engine_leaf[engine]: list(g.leaves) for g in self.fused_groups(config)}
-
 
 _QKV = FusedGroup("qkv", ("q_proj", "k_proj", "v_proj"), {"vllm": "qkv_proj", "sglang": "qkv_proj"})
 _GATE_UP = FusedGroup("gate_up", ("gate_proj", "up_proj"), {"vllm": "gate_up_proj", "sglang": "gate_up_proj"})

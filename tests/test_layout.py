@@ -309,9 +309,11 @@ def test_family_spec_lookup():
                                                         "q_lora_rank": 1536}}
     spec = family_spec(wrapper)
     assert spec.name == "deepseek_v3" and spec.text_config(wrapper)["num_hidden_layers"] == 61
-    assert spec.engine_packed(wrapper, "sglang") == {
+    assert get_layout(wrapper).packed("sglang") == {
         "gate_up_proj": ["gate_proj", "up_proj"], "fused_qkv_a_proj_with_mqa": ["q_a_proj", "kv_a_proj_with_mqa"]}
-    assert spec.engine_packed({"model_type": "deepseek_v3"}, "vllm") == {"gate_up_proj": ["gate_proj", "up_proj"]}
+    assert get_layout({"model_type": "deepseek_v3"}).packed("vllm") == {"gate_up_proj": ["gate_proj", "up_proj"]}
+    assert get_layout({"model_type": "qwen3"}).packed("vllm") == {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     with pytest.raises(UnsupportedModelError, match="'gpt2'"):
         family_spec({"model_type": "gpt2"})
 
