@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvfp4_jax import numerics
-from nvfp4_jax.checkpoint.safetensors_io import CheckpointError, FileCache, read_header
+from nvfp4_jax.checkpoint.safetensors_io import CheckpointError, FileCache, scan_checkpoint
 from nvfp4_jax.errors import NVFP4Error
 
 # Held-out text: none of it appears in examples.CALIBRATION_TEXT. Mixed prose, code, numbers and
@@ -155,21 +155,10 @@ class NVFP4Checkpoint:
                         "nvfp4-pack-quantized checkpoint as CKPT")
 
     def _scan(self):
-        index = self.path / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
-        if not files:
-            raise EvalError(f"{self.path}: no *.safetensors files")
-        entries = {}
-        for f in files:
-            try:
-                e, _ = read_header(self.path / f)
-            except CheckpointError as err:
-                raise EvalError(str(err)) from None
-            entries.update(e)
-        return entries
+        try:
+            return scan_checkpoint(self.path).tensors
+        except CheckpointError as err:
+            raise EvalError(str(err)) from None
 
     def names(self) -> list[str]:
         return list(self._names)

@@ -1,13 +1,14 @@
 """``nvfp4-jax verify CKPT``: check that an NVFP4 checkpoint will load in vLLM and SGLang.
 
 Works on ModelOpt NVFP4 checkpoints (ours or ModelOpt's own) and on compressed-tensors
-``nvfp4-pack-quantized`` checkpoints. Reads safetensors headers and the (small) scale tensors
-itself, with raw bytes and ml_dtypes, so it depends on nothing else in the package except the
-name rules of ``nvfp4_jax.checkpoint.layout``.
+``nvfp4-pack-quantized`` checkpoints. Scans the safetensors files leniently (every problem becomes
+a finding) and reads the (small) scale tensors as raw bytes, so it needs no JAX; the name rules
+come from ``nvfp4_jax.checkpoint.layout`` and the family specs.
 
 Checks (SPEC sections 1, 3, 4, 6):
   * config: ``quantization_config`` in config.json and hf_quant_config.json, consistent, with the
-    keys both engines need; no leftover source quantization block; DeepSeek/Kimi router keys;
+    keys both engines need; no leftover source quantization block; the config keys the family's
+    spec requires (DeepSeek/Kimi router keys);
   * tensors: for every quantized linear the four tensors with SPEC dtypes and shapes, K % 16 == 0,
     no NaN/Inf/zero/negative scale; no leftovers (weight_packed, weight_scale_inv, weight_shape,
     FP8 weights, stacked 3-D expert tensors); index and shard headers consistent;
@@ -22,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import struct
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,18 +37,12 @@ from nvfp4_jax.checkpoint.layout import (
     get_layout,
     natural_key,
 )
+from nvfp4_jax.checkpoint.safetensors_io import ERROR, WARNING, TensorEntry, scan_checkpoint
+from nvfp4_jax.families import find_family_spec
 
 __all__ = ["Finding", "verify", "run_verify", "main"]
 
-ERROR, WARNING, INFO = "error", "warning", "info"
-
-_DTYPE_SIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-}
-
-DEEPSEEK_ARCH_KEYS = ("topk_method", "scoring_func", "moe_layer_freq")
-
+INFO = "info"
 
 @dataclass(frozen=True)
 class Finding:
@@ -64,112 +58,23 @@ class Finding:
 # safetensors access (headers + small reads)
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class _TensorRef:
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple
-    start: int  # absolute byte offset in file
-    nbytes: int
-
-
 class _Store:
+    """The checkpoint's tensors (scanned leniently: problems become findings) and small reads."""
+
     def __init__(self, root: Path, findings: list):
-        self.root = root
-        self.f = findings
-        self.tensors: dict[str, _TensorRef] = {}
+        scan = scan_checkpoint(root, strict=False)
+        findings.extend(Finding(p.severity, p.subject, p.message) for p in scan.problems)
+        self.tensors: dict[str, TensorEntry] = scan.tensors
         self._handles: dict[Path, Any] = {}
-        self._load()
 
-    def _add(self, sev, name, msg):
-        self.f.append(Finding(sev, name, msg))
-
-    def _read_header(self, path: Path) -> dict[str, _TensorRef]:
-        out = {}
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                self._add(ERROR, path.name, "file too short to be safetensors")
-                return out
-            (hlen,) = struct.unpack("<Q", raw)
-            if hlen > size - 8:
-                self._add(ERROR, path.name, f"header length {hlen} exceeds file size {size}")
-                return out
-            try:
-                header = json.loads(fh.read(hlen))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                self._add(ERROR, path.name, f"unreadable safetensors header: {e}")
-                return out
-        base = 8 + hlen
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dt, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            isz = _DTYPE_SIZE.get(dt)
-            if isz is None:
-                self._add(WARNING, name, f"unknown safetensors dtype {dt} in {path.name}")
-                isz = 0
-            numel = math.prod(shape)
-            if isz and e - b != numel * isz:
-                self._add(ERROR, name, f"{path.name}: header says {dt}{list(shape)} "
-                          f"({numel * isz} bytes) but data_offsets span {e - b} bytes")
-            if base + e > size:
-                self._add(ERROR, name, f"{path.name}: data ends at byte {base + e} beyond the "
-                          f"file size {size} (truncated file)")
-            out[name] = _TensorRef(name, path, dt, shape, base + b, e - b)
-        return out
-
-    def _load(self):
-        idx = self.root / "model.safetensors.index.json"
-        files = sorted(self.root.glob("*.safetensors"))
-        if idx.exists():
-            try:
-                wm = json.loads(idx.read_text())["weight_map"]
-            except Exception as e:  # noqa: BLE001
-                self._add(ERROR, idx.name, f"unreadable index: {e}")
-                wm = None
-            if wm is not None:
-                headers = {}
-                for fn in sorted(set(wm.values())):
-                    p = self.root / fn
-                    if not p.exists():
-                        self._add(ERROR, fn, "shard named in model.safetensors.index.json is missing")
-                        continue
-                    headers[fn] = self._read_header(p)
-                for name, fn in wm.items():
-                    if fn in headers and name not in headers[fn]:
-                        self._add(ERROR, name, f"listed in the index under {fn} but absent from it")
-                for fn, hdr in headers.items():
-                    for name, ref in hdr.items():
-                        if wm.get(name) != fn:
-                            self._add(ERROR, name, f"present in {fn} but the index says "
-                                      f"{wm.get(name)!r}")
-                        if name in self.tensors:
-                            self._add(ERROR, name, f"tensor stored twice ({self.tensors[name].file.name}, {fn})")
-                        self.tensors[name] = ref
-                for p in files:
-                    if p.name not in headers:
-                        self._add(WARNING, p.name, "safetensors file not referenced by the index")
-                return
-        if not files:
-            self._add(ERROR, str(self.root), "no *.safetensors files")
-            return
-        for p in files:
-            for name, ref in self._read_header(p).items():
-                if name in self.tensors:
-                    self._add(ERROR, name, f"tensor stored twice ({self.tensors[name].file.name}, {p.name})")
-                self.tensors[name] = ref
-
-    def read(self, ref: _TensorRef) -> bytes:
+    def read(self, ref: TensorEntry) -> bytes:
         fh = self._handles.get(ref.file)
         if fh is None:
             fh = self._handles[ref.file] = open(ref.file, "rb")
         fh.seek(ref.start)
         return fh.read(ref.nbytes)
 
-    def f32_values(self, ref: _TensorRef) -> np.ndarray:
+    def f32_values(self, ref: TensorEntry) -> np.ndarray:
         return np.frombuffer(self.read(ref), dtype="<f4").reshape(ref.shape)
 
     def close(self):
@@ -345,23 +250,20 @@ class _Verifier:
             self.add(ERROR, "config.json", "quantization_config.ignore missing")
 
     def check_arch(self):
-        cfg = self.config
-        mt = cfg.get("model_type")
-        tc = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-        if mt in ("deepseek_v3", "kimi_k2") or tc.get("model_type") in ("deepseek_v3", "kimi_k2"):
-            src = cfg if mt in ("deepseek_v3", "kimi_k2") else tc
-            for k in DEEPSEEK_ARCH_KEYS:
-                if k not in src:
-                    self.add(ERROR, "config.json", f"'{k}' missing: vLLM and SGLang read it for "
-                             f"DeepSeek-V3/Kimi-K2 routing and fail without it (transformers 5's "
-                             f"DeepseekV3Config does not write it)")
+        spec = find_family_spec(self.config)
+        if spec is None:
+            return
+        src = spec.text_config(self.config)
+        for k in spec.required_config_keys:
+            if k not in src:
+                self.add(ERROR, "config.json", f"'{k}' missing: {spec.required_config_reason}")
 
     # -- tensors ---------------------------------------------------------------------------
     def check_tensors(self, store: _Store, layout: Layout):
         names = list(store.tensors)
         T = store.tensors
         ct = self.fmt == "compressed-tensors"
-        by_mod: dict[str, dict[str, _TensorRef]] = {}
+        by_mod: dict[str, dict[str, TensorEntry]] = {}
         for n, ref in T.items():
             mod, _, leaf = n.rpartition(".")
             by_mod.setdefault(mod, {})[leaf] = ref
@@ -469,7 +371,7 @@ class _Verifier:
                 scalars[leaf] = v[:1].copy()
         return scalars
 
-    def _check_block_scales(self, store: _Store, name: str, ref: _TensorRef):
+    def _check_block_scales(self, store: _Store, name: str, ref: TensorEntry):
         b = np.frombuffer(store.read(ref), dtype=np.uint8)
         if b.size == 0:
             return

@@ -1,8 +1,11 @@
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from nvfp4_jax import families
+from nvfp4_jax.families import family_spec, layer_index
 from nvfp4_jax.checkpoint.layout import (
     PRESETS,
     FusedShardMismatch,
@@ -10,11 +13,30 @@ from nvfp4_jax.checkpoint.layout import (
     UnsupportedModelError,
     default_preset,
     get_layout,
-    is_excluded_sglang,
-    is_excluded_vllm,
+    sglang_match,
+    vllm_match,
 )
 
 from tests.paths import TINY_LLAMA as GOLDEN
+
+_LLAMA = get_layout({"model_type": "llama"})
+
+
+def is_excluded_vllm(module, exclude_list, *, layout=None, expand_star=True):
+    """Would vLLM load ``module`` (checkpoint or engine name) unquantized? Raises FusedShardMismatch
+    where vLLM raises."""
+    lay = layout or _LLAMA
+    return vllm_match(lay.engine_name(module, "vllm"), exclude_list, lay.packed("vllm"),
+                      expand_star=expand_star) is not None
+
+
+def is_excluded_sglang(module, exclude_list, *, layout=None, packed=False):
+    """Would SGLang load ``module`` unquantized? ``packed``: the quant config carries
+    packed_modules_mapping. Raises FusedShardMismatch where SGLang raises."""
+    lay = layout or _LLAMA
+    prefix = lay.engine_name(module, "sglang")
+    return sglang_match(prefix, exclude_list, lay.packed("sglang") if packed else None,
+                        is_moe=prefix.endswith(".experts")) is not None
 
 
 def llama_names(L=2):
@@ -258,3 +280,73 @@ def test_sglang_rules():
     ex = [f"model.layers.0.self_attn.{s}_proj" for s in "qkv"]
     assert not is_excluded_sglang("model.layers.0.self_attn.q_proj", ex)
     assert is_excluded_sglang("model.layers.0.self_attn.q_proj", ex, packed=True)
+
+
+# --------------------------------------------------------------------------------------------
+# family specs and the layer-index parser
+# --------------------------------------------------------------------------------------------
+
+def test_layer_index():
+    assert layer_index("model.layers.3.mlp.up_proj.weight") == 3
+    assert layer_index("model.layers.12") == 12
+    assert layer_index("model.layers.x.mlp") is None
+    assert layer_index("model.layers.\u00b2.mlp") is None  # a digit to str.isdigit, not to int()
+    assert layer_index("mtp_layers.0.mlp.down_proj") is None
+    assert layer_index("model.embed_tokens.weight") is None
+    wrapped = "language_model.model.layers.7.self_attn.o_proj"
+    assert layer_index(wrapped) is None
+    assert layer_index(wrapped, "language_model.model.layers.") == 7
+
+
+def test_family_spec_lookup():
+    for mt in ("llama", "qwen2", "qwen3", "mistral"):
+        assert family_spec({"model_type": mt}).name == "llama"
+    assert family_spec({"model_type": "qwen3_moe"}).name == "qwen3_moe"
+    for mt in ("deepseek_v3", "kimi_k2"):
+        assert family_spec({"model_type": mt}).default_preset == "mlp_only"
+    # a wrapper without a spec of its own: the text_config's model_type and numbers
+    wrapper = {"model_type": "kimi_k25", "text_config": {"model_type": "kimi_k2", "num_hidden_layers": 61,
+                                                        "q_lora_rank": 1536}}
+    spec = family_spec(wrapper)
+    assert spec.name == "deepseek_v3" and spec.text_config(wrapper)["num_hidden_layers"] == 61
+    assert get_layout(wrapper).packed("sglang") == {
+        "gate_up_proj": ["gate_proj", "up_proj"], "fused_qkv_a_proj_with_mqa": ["q_a_proj", "kv_a_proj_with_mqa"]}
+    assert get_layout({"model_type": "deepseek_v3"}).packed("vllm") == {"gate_up_proj": ["gate_proj", "up_proj"]}
+    assert get_layout({"model_type": "qwen3"}).packed("vllm") == {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+        family_spec({"model_type": "gpt2"})
+
+
+def _wrapped_names(L=3, E=2):
+    """A Kimi-K2.5-style wrapper: the decoder under language_model., a vision tower, a projector."""
+    inner = deepseek_names(L, E=E, mtp=True)
+    names = ["language_model." + n for n in inner]
+    names += [f"vision_tower.encoder.blocks.{b}.{m}.weight" for b in range(2) for m in ("wqkv", "wo", "mlp.fc0")]
+    names += ["mm_projector.proj.0.weight", "mm_projector.proj.2.weight"]
+    return names
+
+
+def test_wrapper_layout_is_one_spec(monkeypatch):
+    """A family whose decoder lives under language_model. and whose config under text_config needs
+    nothing but its spec: MTP rule, fused groups, presets and a safe exclude list follow from it."""
+    spec = dataclasses.replace(families.DEEPSEEK_V3, name="kimi_k25", model_types=("kimi_k25",),
+                               layer_prefix="language_model.model.layers.", text_config_key="text_config")
+    monkeypatch.setitem(families._BY_MODEL_TYPE, "kimi_k25", spec)
+    cfg = {"model_type": "kimi_k25", "num_hidden_layers": 99,  # the top level is not the decoder's
+           "text_config": {"model_type": "kimi_k2", "num_hidden_layers": 3, "q_lora_rank": 64}}
+    lay = get_layout(cfg)
+    assert lay.family == "kimi_k25" and lay.num_hidden_layers == 3
+    names = _wrapped_names()
+    lin = lay.linear_modules(names)
+    assert lay.is_mtp("language_model.model.layers.3.eh_proj")
+    assert not lay.is_mtp("language_model.model.layers.2.mlp.down_proj")
+    assert ("language_model.model.layers.1.self_attn.q_a_proj",
+            "language_model.model.layers.1.self_attn.kv_a_proj_with_mqa") in lay.fused_groups(lin)
+    for preset in PRESETS:
+        q = lay.close_groups(lay.quantized(lin, preset), lin)
+        assert q and not any(m.startswith(("vision_tower", "mm_projector", "language_model.model.layers.3."))
+                             for m in q)
+        ex = lay.exclude_modules(lin, q, lay.routers(names), extra=lay.embeddings(names))
+        assert_exact_and_safe(lay, names, q, ex)
+        assert not any(e.startswith("language_model.model*") or e == "language_model*" for e in ex)

@@ -209,3 +209,15 @@ def test_fp8_weight_without_scale(tmp_path):
     save_file(t, f)
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight.*weight_scale_inv"):
         CheckpointReader(src)
+
+
+def test_tensor_outside_the_index_is_not_read(tmp_path):
+    """The reader goes by the index: a tensor a shard holds but the index does not list is left out
+    (verify reports it), while a tensor the index lists is required."""
+    src = make_bf16_checkpoint(tmp_path / "m", num_shards=2)
+    idx = json.loads((src / "model.safetensors.index.json").read_text())
+    dropped = sorted(idx["weight_map"])[0]
+    del idx["weight_map"][dropped]
+    (src / "model.safetensors.index.json").write_text(json.dumps(idx))
+    r = CheckpointReader(src)
+    assert dropped not in r.names() and set(r.names()) == set(idx["weight_map"])

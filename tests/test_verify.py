@@ -503,6 +503,17 @@ def test_missing_deepseek_arch_keys(moe):
     assert len(fs) == 2
 
 
+def test_missing_deepseek_arch_keys_in_a_wrappers_text_config(moe):
+    s = Sharded(moe)
+    cfg = s.cfg()
+    text = {k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures", "scoring_func")}
+    s.set_cfg({"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+               "quantization_config": cfg["quantization_config"], "scoring_func": "sigmoid",
+               "text_config": text})
+    fs = assert_caught(moe, "config.json: 'scoring_func' missing")
+    assert len(fs) == 1
+
+
 def test_source_leftover_tensors(moe):
     s = Sharded(moe)
     s.wm["model.layers.1.mlp.experts.gate_up_proj"] = s.wm["model.layers.0.mlp.up_proj.weight"]
@@ -536,9 +547,30 @@ def test_index_and_truncation_errors(moe):
     s.save()
     f = sorted(moe.glob("*.safetensors"))[1]
     f.write_bytes(f.read_bytes()[:-10])
-    assert_caught(moe, "model.layers.0.ghost.weight: listed in the index", "truncated file")
+    assert_caught(moe, "model.layers.0.ghost.weight: tensor 'model.layers.0.ghost.weight' is listed in the index",
+                  "truncated file")
 
 
 def test_finding_line_format():
     f = Finding("error", "x.weight", "bad")
     assert f.line() == "ERROR: x.weight: bad"
+
+
+def test_malformed_headers_are_findings_not_exceptions(moe):
+    """verify scans leniently: a header entry without a dtype, a gap in the data offsets and an
+    unknown dtype are reported with the tensor's name, and the rest is still checked."""
+    files = sorted(moe.glob("*.safetensors"))
+    raw = files[0].read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    hdr = json.loads(raw[8:8 + n])
+    names = sorted(k for k in hdr if k != "__metadata__")
+    del hdr[names[0]]["dtype"]
+    hdr[names[1]]["dtype"] = "F4_WHATEVER"
+    h = json.dumps(hdr).encode()
+    files[0].write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:] + b"\0" * 8)
+    fs = verify(moe)
+    text = messages(fs)
+    assert f"ERROR: {names[0]}: " in text and "malformed header entry" in text
+    assert f"WARNING: {names[1]}: " in text and "unsupported dtype F4_WHATEVER" in text
+    assert "longer than its header says" in text
+    assert "gap or overlap" in text  # where the malformed entry's bytes lie

@@ -1,7 +1,8 @@
-"""Per-family checkpoint layout: linears, fused groups, routers, presets, exclude lists.
+"""Checkpoint layout: linears, fused groups, routers, presets, exclude lists.
 
 Everything here works on tensor / module *names* only (no tensor data), in the checkpoint's own
-naming (``model.layers.3.mlp.experts.5.gate_proj``).  It also carries a simulation of how vLLM and
+naming (``model.layers.3.mlp.experts.5.gate_proj``); what differs between model families comes
+from their :class:`nvfp4_jax.families.FamilySpec`.  It also carries a simulation of how vLLM and
 SGLang decide whether a module is excluded from ModelOpt NVFP4 quantization, so that the
 ``exclude_modules`` list we write can be proven safe, and so that ``nvfp4_jax.verify`` can check
 checkpoints written by anyone.
@@ -49,6 +50,15 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Sequence
 
 from nvfp4_jax.errors import NVFP4Error
+from nvfp4_jax.families import (
+    FamilySpec,
+    FusedGroup,
+    UnsupportedModelError,
+    family_spec,
+    find_family_spec,
+    generic_family_spec,
+    model_type,
+)
 
 __all__ = [
     "PRESETS",
@@ -57,8 +67,6 @@ __all__ = [
     "Layout",
     "get_layout",
     "default_preset",
-    "is_excluded_vllm",
-    "is_excluded_sglang",
     "vllm_match",
     "sglang_match",
     "natural_key",
@@ -66,28 +74,16 @@ __all__ = [
 
 PRESETS = ("all", "mlp_only", "experts_only")
 
-DENSE_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-QWEN3_MOE_TYPES = ("qwen3_moe",)
-DEEPSEEK_TYPES = ("deepseek_v3", "kimi_k2")
-SUPPORTED_MODEL_TYPES = DENSE_TYPES + QWEN3_MOE_TYPES + DEEPSEEK_TYPES
-
 # Leaf names of Linear modules (besides anything ending in "_proj").
 _LINEAR_LEAVES = frozenset(
     {"fc1", "fc2", "qkv", "proj", "dense", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "head"}
 )
 _NORM_HINTS = ("norm", "layernorm", "ln_")
 _VISION_HINTS = ("visual", "vision_tower", "vision_model", "mm_projector", "multi_modal_projector")
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
 
 SGLANG_FUSED_TAILS = frozenset({"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"})
 VLLM_VISION_HINTS = ("vision_tower", "vision_model", "visual")
-
-DENSE_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-
-
-class UnsupportedModelError(NVFP4Error, ValueError):
-    """config.json names a model_type this project has no layout for."""
 
 
 class FusedShardMismatch(NVFP4Error, ValueError):
@@ -96,22 +92,6 @@ class FusedShardMismatch(NVFP4Error, ValueError):
 
 def natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def _model_type(config: Mapping) -> str | None:
-    mt = config.get("model_type")
-    if mt in (None, "", "kimi_k25", "kimi_vl") or mt not in SUPPORTED_MODEL_TYPES:
-        tc = config.get("text_config")
-        if isinstance(tc, Mapping) and tc.get("model_type") in SUPPORTED_MODEL_TYPES:
-            return tc.get("model_type")
-    return mt
-
-
-def _text_config(config: Mapping) -> Mapping:
-    tc = config.get("text_config")
-    if isinstance(tc, Mapping) and "num_hidden_layers" in tc and "num_hidden_layers" not in config:
-        return tc
-    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,13 +109,13 @@ def _vllm_expand(entries: Sequence[str]) -> list[str]:
     return out
 
 
-def vllm_match(prefix: str, entries: Sequence[str], packed: Mapping[str, Sequence[str]] | None = None,
+def vllm_match(prefix: str, entries: Sequence[str], packed: Mapping[str, Sequence[str]],
                *, expand_star: bool = True) -> str | None:
     """Why vLLM's ModelOpt config treats engine module ``prefix`` as excluded, or None.
 
+    ``packed``: the model's packed_modules_mapping (fused leaf -> shard leaves).
     Raises FusedShardMismatch where vLLM raises (some but not all shards of a fused module listed).
     """
-    packed = DENSE_PACKED if packed is None else packed
     entries = list(entries)
     if expand_star:
         entries = _vllm_expand(entries)
@@ -235,14 +215,25 @@ def sglang_match(prefix: str, entries: Sequence[str], packed: Mapping[str, Seque
 
 @dataclass
 class Layout:
-    """Name rules for one model family. Use get_layout(config)."""
+    """Name rules of one checkpoint: its family's spec applied to its config. Use get_layout(config).
 
-    family: str = "llama"
-    model_type: str = "llama"
-    num_hidden_layers: int | None = None
-    q_lora_rank: int | None = None
+    fused: the spec's fused groups that this config has.
+    generic: the model_type has no spec; ``spec`` is the closest one (verify only).
+    """
+
+    spec: FamilySpec
+    model_type: str
+    num_hidden_layers: int | None
+    fused: tuple[FusedGroup, ...]
     generic: bool = False
-    config: dict = field(default_factory=dict, repr=False)
+    _leaf_group: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._leaf_group = {leaf: (g, i) for g in self.fused for i, leaf in enumerate(g.leaves)}
+
+    @property
+    def family(self) -> str:
+        return self.spec.name
 
     # -- names ---------------------------------------------------------------------------
     @staticmethod
@@ -251,19 +242,15 @@ class Layout:
         return mod, leaf
 
     def is_router(self, module: str) -> bool:
-        return module.endswith(".mlp.gate") or module.endswith(".block_sparse_moe.gate")
+        return module.endswith(self.spec.routers)
 
     def is_vision(self, module: str) -> bool:
         return any(h in module for h in _VISION_HINTS)
 
-    def layer_index(self, module: str) -> int | None:
-        m = _LAYER_RE.search(module + ".")
-        return int(m.group(1)) if m else None
-
     def is_mtp(self, module: str) -> bool:
-        if self.family != "deepseek_v3" or self.num_hidden_layers is None:
+        if not self.spec.mtp_after_last_layer or self.num_hidden_layers is None:
             return False
-        li = self.layer_index(module)
+        li = self.spec.layer_index(module)
         return li is not None and li >= self.num_hidden_layers
 
     def _is_linear_module(self, module: str) -> bool:
@@ -306,18 +293,11 @@ class Layout:
     def group_key(self, module: str) -> tuple[str, str] | None:
         """(parent, kind) of the SPEC section 4 group a module belongs to, or None."""
         parent, _, leaf = module.rpartition(".")
-        if leaf in ("gate_proj", "up_proj"):
-            return parent, "gate_up"
-        if self.family == "deepseek_v3":
-            if leaf in ("q_a_proj", "kv_a_proj_with_mqa") and self.q_lora_rank:
-                return parent, "qkv_a"
-            return None
-        if leaf in ("q_proj", "k_proj", "v_proj"):
-            return parent, "qkv"
-        return None
+        hit = self._leaf_group.get(leaf)
+        return None if hit is None else (parent, hit[0].kind)
 
-    _ORDER = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1,
-              "q_a_proj": 0, "kv_a_proj_with_mqa": 1}
+    def _shard_order(self, module: str) -> int:
+        return self._leaf_group[module.rsplit(".", 1)[-1]][1]
 
     def fused_groups(self, modules: Iterable[str]) -> list[tuple[str, ...]]:
         groups: dict[tuple[str, str], list[str]] = {}
@@ -327,7 +307,7 @@ class Layout:
                 groups.setdefault(k, []).append(m)
         out = []
         for k, ms in groups.items():
-            ms = sorted(set(ms), key=lambda m: self._ORDER.get(m.rsplit(".", 1)[-1], 9))
+            ms = sorted(set(ms), key=self._shard_order)
             if len(ms) >= 2:
                 out.append(tuple(ms))
         return sorted(out, key=lambda g: natural_key(g[0]))
@@ -382,38 +362,18 @@ class Layout:
         return out
 
     # -- engine names ----------------------------------------------------------------------
-    def vllm_packed(self) -> dict[str, list[str]]:
-        if self.family == "deepseek_v3":
-            d = {"gate_up_proj": ["gate_proj", "up_proj"]}
-            if self.q_lora_rank:
-                d["fused_qkv_a_proj"] = ["q_a_proj", "kv_a_proj_with_mqa"]
-            return d
-        return dict(DENSE_PACKED)
-
-    def sglang_packed(self) -> dict[str, list[str]]:
-        if self.family == "deepseek_v3":
-            d = {"gate_up_proj": ["gate_proj", "up_proj"]}
-            if self.q_lora_rank:
-                d["fused_qkv_a_proj_with_mqa"] = ["q_a_proj", "kv_a_proj_with_mqa"]
-            return d
-        return dict(DENSE_PACKED)
+    def packed(self, engine: str) -> dict[str, list[str]]:
+        """The engine's packed_modules_mapping for this checkpoint: fused leaf -> shard leaves."""
+        return {g.engine_leaf[engine]: list(g.leaves) for g in self.fused}
 
     def engine_name(self, module: str, engine: str) -> str:
         """The module name the engine builds for a checkpoint module (fused / FusedMoE names)."""
         mm = _EXPERT_RE.match(module)
         if mm:
             return mm.group(1)
-        k = self.group_key(module)
-        if k is None:
-            return module
-        parent, kind = k
-        if kind == "gate_up":
-            return parent + ".gate_up_proj"
-        if kind == "qkv":
-            return parent + ".qkv_proj"
-        if kind == "qkv_a":
-            return parent + (".fused_qkv_a_proj" if engine == "vllm" else ".fused_qkv_a_proj_with_mqa")
-        return module
+        parent, _, leaf = module.rpartition(".")
+        hit = self._leaf_group.get(leaf)
+        return module if hit is None else f"{parent}.{hit[0].engine_leaf[engine]}"
 
     def engine_modules(self, modules: Iterable[str], engine: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -427,10 +387,10 @@ class Layout:
         SGLang 'packed'|'unpacked'."""
         is_moe = engine_prefix.endswith(".experts")
         if engine == "vllm":
-            return vllm_match(engine_prefix, entries, self.vllm_packed(),
+            return vllm_match(engine_prefix, entries, self.packed("vllm"),
                               expand_star=(variant != "raw"))
         return sglang_match(engine_prefix, entries,
-                            self.sglang_packed() if variant == "packed" else None, is_moe=is_moe)
+                            self.packed("sglang") if variant == "packed" else None, is_moe=is_moe)
 
     VARIANTS = (("vllm", "expanded"), ("vllm", "raw"), ("sglang", "unpacked"), ("sglang", "packed"))
 
@@ -488,6 +448,7 @@ class Layout:
                                  f"precision per fused GEMM (use close_groups)")
         routers = list(routers)
         unq = [m for m in all_lin if m not in q]
+        layer_depth = self.spec.layer_prefix.count(".") + 1
         # quantized engine names under every variant
         qeng: dict[tuple[str, str], list[str]] = {}
         for engine, variant in self.VARIANTS:
@@ -523,8 +484,8 @@ class Layout:
                 continue
             parts = unit[0].split(".")
             chosen: list[str] | None = None
-            # shortest dotted ancestor wildcard, at least "model.layers.L" deep
-            min_depth = 3 if len(parts) > 3 else len(parts)
+            # shortest dotted ancestor wildcard, at least "<layer prefix>.L" deep
+            min_depth = min(layer_depth, len(parts))
             for d in range(min_depth, len(parts)):
                 cand = ".".join(parts[:d]) + "*"
                 if safe(cand):
@@ -568,51 +529,17 @@ class Layout:
 
 def get_layout(config: Mapping, *, strict: bool = True) -> Layout:
     """Layout for a config.json dict. Unsupported model types raise UnsupportedModelError
-    (strict) or get a generic dense-style layout (strict=False, used by verify)."""
-    mt = _model_type(config)
-    tc = _text_config(config)
-    nl = tc.get("num_hidden_layers")
-    if mt in DENSE_TYPES:
-        return Layout("llama", mt, nl, config=dict(config))
-    if mt in QWEN3_MOE_TYPES:
-        return Layout("qwen3_moe", mt, nl, config=dict(config))
-    if mt in DEEPSEEK_TYPES:
-        return Layout("deepseek_v3", mt, nl, q_lora_rank=tc.get("q_lora_rank"), config=dict(config))
-    if strict:
-        raise UnsupportedModelError(
-            f"unsupported model_type {mt!r} in config.json; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    fam = "deepseek_v3" if tc.get("kv_lora_rank") else "llama"
-    return Layout(fam, str(mt), nl, q_lora_rank=tc.get("q_lora_rank"), generic=True,
-                  config=dict(config))
+    (strict) or get the closest family's name rules (strict=False, used by verify)."""
+    spec = find_family_spec(config)
+    generic = spec is None
+    if generic:
+        if strict:
+            family_spec(config)  # raises, naming the model_type
+        spec = generic_family_spec(config)
+    n_layers = spec.text_config(config).get("num_hidden_layers")
+    return Layout(spec, str(model_type(config)), n_layers, spec.fused_groups(config), generic)
 
 
 def default_preset(config: Mapping) -> str:
-    return "mlp_only" if _model_type(config) in DEEPSEEK_TYPES else "all"
-
-
-_DEFAULT_LAYOUT = Layout()
-
-
-def _resolve(module: str, layout: Layout | None, engine: str) -> str:
-    lay = layout or _DEFAULT_LAYOUT
-    return lay.engine_name(module, engine)
-
-
-def is_excluded_vllm(module: str, exclude_list: Sequence[str], *, layout: Layout | None = None,
-                     expand_star: bool = True) -> bool:
-    """Would vLLM load ``module`` (checkpoint or engine name) unquantized? Checkpoint names are
-    mapped to the engine's fused name first. Raises FusedShardMismatch where vLLM raises."""
-    lay = layout or _DEFAULT_LAYOUT
-    prefix = _resolve(module, layout, "vllm")
-    return vllm_match(prefix, exclude_list, lay.vllm_packed(), expand_star=expand_star) is not None
-
-
-def is_excluded_sglang(module: str, exclude_list: Sequence[str], *, layout: Layout | None = None,
-                       packed: bool = False) -> bool:
-    """Would SGLang load ``module`` (checkpoint or engine name) unquantized? ``packed``: simulate a
-    quant config that carries packed_modules_mapping. Raises FusedShardMismatch where SGLang does."""
-    lay = layout or _DEFAULT_LAYOUT
-    prefix = _resolve(module, layout, "sglang")
-    return sglang_match(prefix, exclude_list, lay.sglang_packed() if packed else None,
-                        is_moe=prefix.endswith(".experts")) is not None
+    spec = find_family_spec(config)
+    return spec.default_preset if spec is not None else "all"

@@ -37,16 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .safetensors_io import CheckpointError, FileCache, TensorEntry, read_header
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from .safetensors_io import CheckpointError, FileCache, TensorEntry, scan_checkpoint
 
 # Files that are weights, or that the converter rewrites, and so are never copied verbatim.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz")
 _NOT_COPIED = {"config.json", "hf_quant_config.json"}
 
 PLAIN, FP8_BLOCK, INT4_PACK = "plain", "fp8_block", "int4_pack"
+# 8-bit float dtypes: only block-scaled F8_E4M3 weights are a source encoding we decode
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0")
 
 
 @dataclass(frozen=True)
@@ -153,53 +152,11 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint directory {self.path} does not exist")
         self.config: dict = _load_json(self.path / "config.json", "config file")
         self._files = FileCache()
-        self._stored: dict[str, TensorEntry] = self._scan_files()
+        self._stored: dict[str, TensorEntry] = scan_checkpoint(self.path).tensors
         self._quant = self._parse_quant_config()
         self._logical: dict[str, TensorInfo] = self._fold()
 
     # -- construction ---------------------------------------------------------------------------
-
-    def _scan_files(self) -> dict[str, TensorEntry]:
-        index_path = self.path / INDEX_NAME
-        if index_path.exists():
-            index = _load_json(index_path, "index file")
-            weight_map = index.get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"index file {index_path} has no weight_map")
-            files = sorted(set(weight_map.values()))
-        else:
-            weight_map = None
-            if (self.path / SINGLE_NAME).exists():
-                files = [SINGLE_NAME]
-            else:
-                files = sorted(p.name for p in self.path.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"checkpoint directory {self.path} has no *.safetensors files and no {INDEX_NAME}")
-        headers: dict[str, dict[str, TensorEntry]] = {}
-        for fname in files:
-            fpath = self.path / fname
-            if not fpath.exists():
-                raise CheckpointError(f"index file {index_path} names {fname}, which does not exist in {self.path}")
-            headers[fname], _ = read_header(fpath)
-        stored: dict[str, TensorEntry] = {}
-        if weight_map is not None:
-            for name, fname in weight_map.items():
-                entry = headers[fname].get(name)
-                if entry is None:
-                    raise CheckpointError(
-                        f"index file {index_path} says tensor {name!r} is in {fname}, but {self.path / fname} "
-                        "has no such tensor"
-                    )
-                stored[name] = entry
-        else:
-            for fname in files:
-                for name, entry in headers[fname].items():
-                    if name in stored:
-                        raise CheckpointError(
-                            f"tensor {name!r} appears in both {stored[name].file} and {entry.file}"
-                        )
-                    stored[name] = entry
-        return stored
 
     def _parse_quant_config(self) -> dict:
         qc = self.config.get("quantization_config")
@@ -246,10 +203,10 @@ class CheckpointReader:
         for name, e in st.items():
             if name in used or name.endswith(".weight_scale_inv"):
                 continue
-            if e.dtype in ("F8_E4M3", "F8_E5M2") and name.endswith(".weight"):
+            if e.dtype in _FP8_DTYPES and name.endswith(".weight"):
                 out[name] = self._fp8_info(name)
                 continue
-            if e.dtype in ("F8_E4M3", "F8_E5M2"):
+            if e.dtype in _FP8_DTYPES:
                 raise CheckpointError(f"tensor {name!r} ({e.file}) is {e.dtype} but is not a block-quantized weight")
             if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
                 raise CheckpointError(

@@ -1,22 +1,21 @@
-"""get_family(config): the model family for a config.json, keyed by its model_type."""
+"""get_family(config): the forward of a config.json's model family (see nvfp4_jax.families)."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+from nvfp4_jax.families import spec_for_model_type, supported_model_types
 
 from .common import Family, ModelConfigError
 from .deepseek_v3 import DeepseekV3Family
 from .llama import LlamaFamily
 from .qwen3_moe import Qwen3MoeFamily
 
+# FamilySpec.forward -> the forward class
 FAMILIES: dict[str, type[Family]] = {
     "llama": LlamaFamily,
-    "mistral": LlamaFamily,
-    "qwen2": LlamaFamily,
-    "qwen3": LlamaFamily,
     "qwen3_moe": Qwen3MoeFamily,
     "deepseek_v3": DeepseekV3Family,
-    "kimi_k2": DeepseekV3Family,
 }
 
 
@@ -26,11 +25,13 @@ def family_name(config: Mapping[str, Any]) -> str:
 
 
 def _family_class(config: Mapping[str, Any]) -> type[Family]:
+    # the top-level model_type: the forward runs on this config as it is
     model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        raise ModelConfigError(
-            f"config.json model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
+    spec = spec_for_model_type(model_type)
+    if spec is None:
+        raise ModelConfigError(f"config.json model_type {model_type!r} is not supported; "
+                               f"supported: {sorted(supported_model_types())}")
+    return FAMILIES[spec.forward]
 
 
 def get_family(config: Mapping[str, Any]) -> Family:
