@@ -24,8 +24,11 @@ import base64
 import binascii
 import dataclasses
 import json
+import numbers
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 DEFAULT_TEXT_SEQ_LEN = 512  # window length for --calib text when --seq-len is not given
 
@@ -101,7 +104,7 @@ def check_sizes(num_samples=None, seq_len=None, batch_size=None) -> None:
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_int(value) or value < 1:
             flag = "--" + name.replace("_", "-")
             raise CalibrationInputError(f"{name} ({flag}) must be a positive integer, got {value!r}")
 
@@ -109,19 +112,27 @@ def check_sizes(num_samples=None, seq_len=None, batch_size=None) -> None:
 def check_token_ids(samples, vocab_size: Optional[int], where: str) -> None:
     """``samples``: a non-empty list of non-empty lists of integer ids in [0, vocab_size)
     (any non-negative integer when ``vocab_size`` is None). ``where`` starts the message."""
-    if not isinstance(samples, (list, tuple)) or not samples:
+    if not isinstance(samples, _SEQUENCES) or not len(samples):
         raise CalibrationInputError(f"{where}: expected a non-empty list of token-id lists")
     bound = f"[0, {vocab_size})" if vocab_size else "[0, vocab_size)"
     for i, sample in enumerate(samples):
-        if not isinstance(sample, (list, tuple)):
+        if not isinstance(sample, _SEQUENCES):
             raise CalibrationInputError(f"{where}[{i}]: expected a list of token ids, got {type(sample).__name__}")
-        if not sample:
+        if not len(sample):
             raise CalibrationInputError(f"{where}[{i}]: empty sample")
         for j, tid in enumerate(sample):
-            ok = isinstance(tid, int) and not isinstance(tid, bool) and tid >= 0
-            if not ok or (vocab_size and tid >= vocab_size):
+            if not _is_int(tid) or tid < 0 or (vocab_size and tid >= vocab_size):
+                shown = tid.item() if isinstance(tid, np.generic) else tid
                 raise CalibrationInputError(
-                    f"{where}[{i}][{j}] = {tid!r} is not a token id (an integer in {bound})")
+                    f"{where}[{i}][{j}] = {shown!r} is not a token id (an integer in {bound})")
+
+
+_SEQUENCES = (list, tuple, np.ndarray)
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool and not an integral float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def source_vocab_size(src) -> Optional[int]:

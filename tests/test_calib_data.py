@@ -279,6 +279,16 @@ def test_token_ids_must_be_integers_in_vocab(tiktoken_src, tmp_path, ids, shown)
         load_calibration(src, CalibrationRequest(token_file=f))
 
 
+def test_numpy_ids_are_integers_too():
+    calib_data.check_token_ids(np.asarray([[1, 2], [3, 4]], np.int64), 5, where="opts")
+    calib_data.check_token_ids([np.asarray([1, 2], np.int32)], 5, where="opts")
+    with pytest.raises(CalibrationInputError, match=r"opts\[0\]\[0\] = 1.0"):
+        calib_data.check_token_ids(np.asarray([[1.0]]), 5, where="opts")
+    with pytest.raises(CalibrationInputError, match=r"opts\[0\]\[1\] = 5"):
+        calib_data.check_token_ids(np.asarray([[1, 5]]), 5, where="opts")
+    calib_data.check_sizes(np.int64(2), np.int32(3), 1)
+
+
 def test_vocab_comes_from_text_config_too(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
