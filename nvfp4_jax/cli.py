@@ -13,41 +13,11 @@ from nvfp4_jax.errors import NVFP4Error, UsageError
 
 
 def _load_calibration(args, src: Path) -> list[list[int]] | None:
-    if args.calib_tokens:
-        try:
-            d = json.loads(Path(args.calib_tokens).read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{args.calib_tokens}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        ids = d.get("input_ids") if isinstance(d, dict) else None
-        if not isinstance(ids, list) or not all(isinstance(s, list) for s in ids):
-            raise UsageError(f"{args.calib_tokens}: expected a JSON object whose 'input_ids' is a "
-                             "list of token-id lists")
-        return ids
-    if args.calib:
-        from tokenizers import Tokenizer
+    from nvfp4_jax.calib_data import CalibrationRequest, load_calibration
 
-        tok_path = src / "tokenizer.json"
-        if not tok_path.exists():
-            raise UsageError(f"--calib needs the source's tokenizer.json, not found in {src}; "
-                             "pass --calib-tokens instead")
-        tok = Tokenizer.from_file(str(tok_path))
-        path = Path(args.calib)
-        seq_len = args.seq_len or 512
-        if path.suffix == ".jsonl":
-            texts = []
-            for i, line in enumerate(path.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                        raise UsageError(f"{path}:{i}: a .jsonl record needs a 'text' string field")
-                    texts.append(rec["text"])
-            return [tok.encode(t).ids[:seq_len] for t in texts]
-        ids = tok.encode(path.read_text()).ids
-        return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
-    return None
+    return load_calibration(src, CalibrationRequest(
+        text_file=args.calib, token_file=args.calib_tokens, input_scale_constant=args.input_scale_constant,
+        num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size))
 
 
 def _print_report(report: dict) -> None:
@@ -113,8 +83,7 @@ def cmd_example(args) -> int:
     else:
         examples.EXAMPLES[args.name](src, seed=args.seed)
     print(f"built {args.name} (seed {args.seed}) at {src}", file=sys.stderr)
-    tokens = examples.calibration_samples(src / "tokenizer.json", num_samples=args.num_samples,
-                                          seq_len=args.seq_len)
+    tokens = examples.example_calibration(args.name, src, args.num_samples, args.seq_len)
     report = convert(src, out, ConvertOptions(calib_tokens=tokens, overwrite=True, fmt=args.format,
                                               batch_size=args.batch_size))
     _print_report(report)
@@ -228,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", nargs="?", help="output directory (default: out/NAME-nvfp4)")
     x.add_argument("--source", help="where to build the source checkpoint (default: a temp dir)")
     x.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    x.add_argument("--num-samples", type=int, default=16, help="calibration samples")
-    x.add_argument("--seq-len", type=int, default=64, help="tokens per calibration sample")
+    x.add_argument("--num-samples", type=int, help="calibration samples (default: the example's own, kimi-k2-tiny 1)")
+    x.add_argument("--seq-len", type=int, help="tokens per calibration sample (default: the example's own, kimi-k2-tiny 8)")
     x.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
     x.add_argument("--format", choices=["modelopt", "compressed-tensors"], default="modelopt",
                    help="output checkpoint format")

@@ -222,14 +222,11 @@ class NVFP4Checkpoint:
 def heldout_tokens(src: Path, text: Optional[str], num_samples: int, seq_len: int) -> np.ndarray:
     """int32 [B, S]: consecutive non-overlapping windows of the tokenized text (B <= num_samples;
     fewer when the text is short, S shortened when the text is shorter than one window)."""
-    from tokenizers import Tokenizer
+    from nvfp4_jax.calib_data import load_tokenizer
 
-    tok_path = Path(src) / "tokenizer.json"
-    if not tok_path.exists():
-        raise EvalError(f"{src}: no tokenizer.json to tokenize the held-out text")
     if num_samples < 1 or seq_len < 2:
         raise EvalError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
-    ids = Tokenizer.from_file(str(tok_path)).encode(HELDOUT_TEXT if text is None else text).ids
+    ids = load_tokenizer(src).encode(HELDOUT_TEXT if text is None else text)  # tokenizer.json or tiktoken
     if len(ids) < 2:
         raise EvalError("the held-out text gives fewer than 2 tokens")
     seq_len = min(seq_len, len(ids))

@@ -8,17 +8,25 @@
 * ``kimi-k2-shaped``: Kimi-K2's real tensor sizes (hidden 7168, expert intermediate 2048, dense
   intermediate 18432, MLA ranks 1536/512) with fewer layers and experts, for benchmarks.
 
-Every example carries a byte-level ``tokenizer.json`` (256 byte tokens + specials).
+``llama-tiny`` carries a byte-level ``tokenizer.json`` (256 byte tokens + specials). The Kimi examples
+carry Moonshot's file set instead (no ``tokenizer.json``): ``tiktoken.model`` (a small seeded BPE
+vocabulary), ``tokenizer_config.json`` with the special tokens after the mergeable ranks,
+``chat_template.jinja``, the remote-code file names (placeholders), shards named
+``model-00001-of-000002.safetensors`` and Moonshot's ``quantization_config``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from nvfp4_jax.calib_data import check_sizes, load_tokenizer
 from nvfp4_jax.checkpoint.safetensors_io import save_file
 
 BF16 = ml_dtypes.bfloat16
@@ -47,12 +55,13 @@ Prime numbers: 2 3 5 7 11 13 17 19 23 29 31 37 41 43 47 53 59 61 67 71 73 79 83 
 """
 
 
-def calibration_samples(tokenizer_path, num_samples: int = 16, seq_len: int = 64) -> list[list[int]]:
-    """Token-id samples of the built-in calibration text, tokenized with ``tokenizer_path``."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    ids = tok.encode(CALIBRATION_TEXT).ids
+def calibration_samples(source, num_samples: int = 16, seq_len: int = 64) -> list[list[int]]:
+    """``num_samples`` windows of ``seq_len`` ids of the built-in calibration text, tokenized with the
+    tokenizer of checkpoint directory ``source`` (a file inside it, such as ``src / "tokenizer.json"``,
+    names its directory)."""
+    check_sizes(num_samples, seq_len)
+    src = Path(source)
+    ids = load_tokenizer(src if src.is_dir() else src.parent).encode(CALIBRATION_TEXT)
     out = []
     start = 0
     while len(out) < num_samples:
@@ -61,6 +70,18 @@ def calibration_samples(tokenizer_path, num_samples: int = 16, seq_len: int = 64
         out.append(ids[start:start + seq_len])
         start += seq_len
     return out
+
+
+# (num_samples, seq_len) of ``example NAME`` when not given. The Kimi example calibrates on so few
+# tokens that some routed experts see none: its report shows them, with their shared, valid scales.
+EXAMPLE_CALIBRATION = {"llama-tiny": (16, 64), "kimi-k2-tiny": (1, 8), "kimi-k2-shaped": (16, 64)}
+
+
+def example_calibration(name: str, source, num_samples=None, seq_len=None) -> list[list[int]]:
+    """The built-in calibration samples of example ``name`` (its defaults for sizes not given)."""
+    default_samples, default_len = EXAMPLE_CALIBRATION[name]
+    return calibration_samples(source, default_samples if num_samples is None else num_samples,
+                               default_len if seq_len is None else seq_len)
 
 
 def byte_level_tokenizer(path: Path, specials=("<|bos|>", "<|eos|>", "<|pad|>")) -> None:
@@ -90,6 +111,135 @@ def _byte_of(c: str) -> int:
     return rest[ord(c) - 256]
 
 
+# --------------------------------------------------------------------------- Kimi's tokenizer files
+
+# Moonshot reserves 256 special ids right after the mergeable ranks (163584..163839); the examples
+# reserve fewer, keeping the named tokens at Kimi's offsets (id = first special id + offset).
+KIMI_NUM_SPECIAL = 32
+KIMI_SPECIALS = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
+                 6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>",
+                 11: "<|tool_calls_section_begin|>", 12: "<|tool_calls_section_end|>", 13: "<|tool_call_begin|>",
+                 14: "<|tool_call_argument_begin|>", 15: "<|tool_call_end|>", 17: "<|im_middle|>",
+                 KIMI_NUM_SPECIAL - 2: "[UNK]", KIMI_NUM_SPECIAL - 1: "[PAD]"}
+
+# In the style of Kimi-K2's chat_template.jinja: role header, <|im_middle|>, content, <|im_end|>.
+KIMI_CHAT_TEMPLATE = """\
+{%- macro render_content(msg) -%}
+  {%- if msg['content'] is string -%}
+    {{ msg['content'] }}
+  {%- elif msg['content'] is not none -%}
+    {%- for part in msg['content'] -%}
+      {%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+{%- endmacro -%}
+{%- if tools -%}
+  <|im_system|>tool_declare<|im_middle|>{{ tools | tojson }}<|im_end|>
+{%- endif -%}
+{%- if messages|length == 0 or messages[0]['role'] != 'system' -%}
+  <|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>
+{%- endif -%}
+{%- for message in messages -%}
+  {%- set role_name = message.get('name') or message['role'] -%}
+  {%- if message['role'] == 'user' -%}
+    <|im_user|>{{ role_name }}<|im_middle|>
+  {%- elif message['role'] == 'assistant' -%}
+    <|im_assistant|>{{ role_name }}<|im_middle|>
+  {%- else -%}
+    <|im_system|>{{ role_name }}<|im_middle|>
+  {%- endif -%}
+  {%- if message['role'] == 'assistant' and message.get('reasoning_content') -%}
+    <think>{{ message['reasoning_content'] }}</think>
+  {%- endif -%}
+  {{ render_content(message) }}<|im_end|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  <|im_assistant|>assistant<|im_middle|>
+{%- endif -%}
+"""
+
+# Moonshot's repos ship these as remote code; the examples only mirror the names.
+KIMI_REMOTE_CODE = {
+    "configuration_deepseek.py": "the DeepseekV3Config class",
+    "modeling_deepseek.py": "the DeepseekV3 model",
+    "tokenization_kimi.py": "the TikTokenTokenizer class (its pre-tokenizer pattern is in nvfp4_jax.calib_data)",
+}
+
+
+def bpe_ranks(text: str, num_ranks: int, seed: int = 0) -> dict[bytes, int]:
+    """A byte-level BPE vocabulary of ``num_ranks`` tokens: the 256 single bytes (rank = byte
+    value), then merges learned from ``text`` (most frequent adjacent pair first, ties broken by
+    the pair's bytes), then, when the text runs out of repeated pairs, merges of seeded random
+    pairs of tokens already in the vocabulary."""
+    ranks = {bytes([b]): b for b in range(256)}
+    # a rough word split for training only (encoding uses the tokenizer's own pattern)
+    words = Counter(tuple(bytes([b]) for b in w.encode()) for w in re.findall(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+|\s+", text))
+    while len(ranks) < num_ranks:
+        pairs = Counter()
+        for word, n in words.items():
+            for a, b in zip(word, word[1:]):
+                pairs[a, b] += n
+        best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]), default=None)
+        if best is None or best[1] < 2:
+            break
+        merged = best[0][0] + best[0][1]
+        ranks[merged] = len(ranks)
+        words = Counter({_merge_pair(w, best[0], merged): n for w, n in words.items()})
+    rng = np.random.default_rng(seed)
+    tokens = list(ranks)
+    while len(ranks) < num_ranks:
+        a, b = rng.integers(0, len(tokens), 2)
+        merged = tokens[a] + tokens[b]
+        if merged not in ranks and len(merged) <= 16:
+            ranks[merged] = len(ranks)
+            tokens.append(merged)
+    return ranks
+
+
+def _merge_pair(word: tuple, pair: tuple, merged: bytes) -> tuple:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def kimi_special_tokens(first_id: int) -> dict[int, str]:
+    """id -> text of the reserved special tokens starting at ``first_id`` (unnamed ones are
+    ``<|reserved_token_ID|>`` as in tokenization_kimi.py)."""
+    return {first_id + k: KIMI_SPECIALS.get(k, f"<|reserved_token_{first_id + k}|>") for k in range(KIMI_NUM_SPECIAL)}
+
+
+def kimi_tokenizer_files(path: Path, vocab_size: int, seed: int = 0) -> None:
+    """Write Moonshot's tokenizer file set for a ``vocab_size`` model: ``tiktoken.model``,
+    ``tokenizer_config.json`` (specials in ``added_tokens_decoder`` after the ranks),
+    ``chat_template.jinja`` and the remote-code placeholders."""
+    num_ranks = vocab_size - KIMI_NUM_SPECIAL
+    if num_ranks < 256:
+        raise ValueError(f"a Kimi tokenizer needs vocab_size >= {256 + KIMI_NUM_SPECIAL}, got {vocab_size}")
+    ranks = bpe_ranks(CALIBRATION_TEXT, num_ranks, seed)
+    (path / "tiktoken.model").write_text(
+        "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])))
+    specials = kimi_special_tokens(num_ranks)
+    decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                        "special": True} for i, t in specials.items()}
+    named = [t for t in KIMI_SPECIALS.values() if t not in ("[BOS]", "[EOS]", "[UNK]", "[PAD]")]
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": decoder, "additional_special_tokens": named,
+        "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
+        "bos_token": "[BOS]", "clean_up_tokenization_spaces": False, "eos_token": "[EOS]",
+        "extra_special_tokens": {}, "model_max_length": 1048576, "pad_token": "[PAD]",
+        "tokenizer_class": "TikTokenTokenizer", "unk_token": "[UNK]"}, indent=2))
+    (path / "chat_template.jinja").write_text(KIMI_CHAT_TEMPLATE)
+    for name, what in KIMI_REMOTE_CODE.items():
+        (path / name).write_text(f"# Placeholder: Moonshot's repository ships {what} under this name.\n"
+                                 "# nvfp4-jax never runs remote code; this built-in example only mirrors the file set.\n")
+
+
 def _normal(rng, shape, std) -> np.ndarray:
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(BF16)
 
@@ -113,7 +263,8 @@ def int4_pack(w: np.ndarray, group: int = INT4_GROUP) -> dict[str, np.ndarray]:
             "weight_shape": np.asarray([n, k], np.int64)}
 
 
-def _write(path: Path, tensors: dict[str, np.ndarray], config: dict, shard_bytes: float = 2e9) -> None:
+def _write(path: Path, tensors: dict[str, np.ndarray], config: dict, shard_bytes: float = 2e9,
+           total_digits: int = 5) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(
@@ -133,7 +284,7 @@ def _write(path: Path, tensors: dict[str, np.ndarray], config: dict, shard_bytes
         return
     weight_map = {}
     for i, s in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        fname = f"model-{i:05d}-of-{len(shards):0{total_digits}d}.safetensors"
         save_file(path / fname, {n: tensors[n] for n in s}, {"format": "pt"})
         weight_map.update({n: fname for n in s})
     (path / "model.safetensors.index.json").write_text(json.dumps(
@@ -178,15 +329,18 @@ def build_llama_tiny(path, seed: int = 0) -> Path:
 
 
 def kimi_k2_config(*, hidden=128, intermediate=256, moe_intermediate=64, layers=3, experts=16, top_k=2,
-                   heads=4, q_lora=64, kv_lora=32, nope=32, rope=16, v_head=32, vocab=259,
+                   heads=4, q_lora=64, kv_lora=32, nope=32, rope=16, v_head=32, vocab=512,
                    first_dense=1, n_group=1, topk_group=1) -> dict:
-    """A Kimi-K2 config.json (real keys, including those vLLM/SGLang need), resized."""
+    """A Kimi-K2 config.json (real keys, including those vLLM/SGLang need), resized; ``vocab``
+    counts the tokenizer's ranks and its reserved special ids ([BOS] and [EOS] the first two)."""
+    first_special = vocab - KIMI_NUM_SPECIAL
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
                      "AutoModel": "modeling_deepseek.DeepseekV3Model",
                      "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
-        "model_type": "kimi_k2", "aux_loss_alpha": 0.001, "bos_token_id": 256, "eos_token_id": 257,
+        "model_type": "kimi_k2", "aux_loss_alpha": 0.001, "bos_token_id": first_special,
+        "eos_token_id": first_special + 1,
         "ep_size": 1, "first_k_dense_replace": first_dense, "hidden_act": "silu", "hidden_size": hidden,
         "initializer_range": 0.02, "intermediate_size": intermediate, "kv_lora_rank": kv_lora,
         "max_position_embeddings": 262144, "moe_intermediate_size": moe_intermediate, "moe_layer_freq": 1,
@@ -214,8 +368,9 @@ def kimi_k2_config(*, hidden=128, intermediate=256, moe_intermediate=64, layers=
 
 
 def build_kimi_k2(path, cfg: dict, seed: int = 0, std: float = 0.02) -> Path:
-    """Write a DeepSeek-V3/Kimi-K2 checkpoint for ``cfg`` with seeded random weights; routed
-    experts as INT4 pack-quantized, everything else bf16."""
+    """Write a DeepSeek-V3/Kimi-K2 checkpoint for ``cfg`` with seeded random weights, laid out as
+    Moonshot ships it: routed experts as INT4 pack-quantized, everything else bf16, tokenizer files
+    as :func:`kimi_tokenizer_files` writes them."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     h, v = cfg["hidden_size"], cfg["vocab_size"]
@@ -250,8 +405,10 @@ def build_kimi_k2(path, cfg: dict, seed: int = 0, std: float = 0.02) -> Path:
             for name, shape in (("gate_proj", (mi, h)), ("up_proj", (mi, h)), ("down_proj", (h, mi))):
                 for part, arr in int4_pack(_normal(rng, shape, std)).items():
                     t[p + f"mlp.experts.{e}.{name}.{part}"] = arr
-    _write(path, t, cfg)
-    byte_level_tokenizer(path)
+    # at least two shards, as Moonshot's 62 (their names carry a 6-digit total)
+    half = sum(a.nbytes for a in t.values()) // 2 + max(a.nbytes for a in t.values())
+    _write(path, t, cfg, shard_bytes=min(2e9, half), total_digits=6)
+    kimi_tokenizer_files(path, v, seed)
     return path
 
 

@@ -90,7 +90,10 @@ def _ct_decoded(src) -> dict[str, torch.Tensor]:
     from compressed_tensors.entrypoints.convert.converters import CompressedTensorsDequantizer
     from safetensors.torch import load_file
 
-    return CompressedTensorsDequantizer(src, dtype=torch.bfloat16).process(dict(load_file(src / "model.safetensors")))
+    tensors = {}
+    for shard in sorted(Path(src).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return CompressedTensorsDequantizer(src, dtype=torch.bfloat16).process(tensors)
 
 
 def test_kimi_int4_experts_match_independent_quantization(kimi, tmp_path):
