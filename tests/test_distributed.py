@@ -240,7 +240,7 @@ def test_planned_writer_from_two_processes_matches_one_process(tmp_path):
         for name, a in ts:
             one.add(name, a)
         one.finish_unit(unit, {"n": len(ts)})
-    one.finalize(cfg, hf, quantization_config=qc)
+    one.finalize({**cfg, "quantization_config": qc}, hf)
 
     ws = [PlannedWriter(tmp_path / "planned", plan, WriterOptions(shard_size=20_000, process_id=i, num_processes=2))
           for i in range(2)]
@@ -255,7 +255,7 @@ def test_planned_writer_from_two_processes_matches_one_process(tmp_path):
             w.finish_unit(unit, {})
     ws[1].close()
     assert len(ws[0].files) > 2
-    ws[0].finalize(cfg, hf, manifests=[w.manifest() for w in ws], quantization_config=qc)
+    ws[0].finalize({**cfg, "quantization_config": qc}, hf, manifests=[w.manifest() for w in ws])
     assert_same_files(tmp_path / "one", tmp_path / "planned")
 
 
@@ -271,7 +271,7 @@ def test_planned_writer_refuses_incomplete_or_foreign_state(tmp_path):
             w.add(name, a)
         w.finish_unit(unit)
     with pytest.raises(CheckpointError, match="did not finish layer.3"):
-        w.finalize({}, hf, manifests=[w.manifest()], quantization_config=qc)
+        w.finalize({"quantization_config": qc}, hf, manifests=[w.manifest()])
     with pytest.raises(CheckpointError, match="expects U8"):
         w.add("model.layers.3.q_proj.weight", np.zeros((64, 64), np.float32))
     w.close()

@@ -98,12 +98,12 @@ def write_tensors(out, units, fmt="modelopt"):
     return w
 
 
-def write_all(out, extra_files=(), *, shard_size=20_000, stop_after=None, fmt="modelopt", resume=False,
-              overwrite=False, verify_checksums=True, settings=None):
-    """Convert the synthetic model unit by unit; stop_after=k leaves the run unfinished after k units."""
-    w = open_planned_writer(out, planned_units(fmt), WriterOptions(
-        shard_size=shard_size, resume=resume, overwrite=overwrite, fmt=fmt, verify_checksums=verify_checksums,
-        settings=settings or {"preset": "all"}))
+def write_all(out, extra_files=(), *, stop_after=None, **options):
+    """Convert the synthetic model unit by unit; stop_after=k leaves the run unfinished after k units.
+    options: WriterOptions fields (default shard_size 20000, settings preset "all")."""
+    options = WriterOptions(**{"shard_size": 20_000, "settings": {"preset": "all"}, **options})
+    fmt = options.fmt
+    w = open_planned_writer(out, planned_units(fmt), options)
     units = [("head", head_tensors)] + [(f"layer.{i}", lambda i=i: layer_tensors(i)) for i in range(NUM_LAYERS)]
     done = 0
     for unit, make in units:
@@ -121,7 +121,7 @@ def write_all(out, extra_files=(), *, shard_size=20_000, stop_after=None, fmt="m
         done += 1
     exclude = ["lm_head", "model.embed_tokens"]
     qc, hf = get_format(fmt).configs(exclude, "0.47.0")
-    return w.finalize(source_config(), hf, extra_files, {"note": "test"}, quantization_config=qc)
+    return w.finalize({**source_config(), "quantization_config": qc}, hf, extra_files, {"note": "test"})
 
 
 def dir_bytes(path: Path) -> dict[str, bytes]:
@@ -234,7 +234,7 @@ def test_add_accepts_jax_arrays(tmp_path):
                                                  ("f8", jnp.full((2, 16), 3.0, jnp.float8_e4m3fn)),
                                                  ("s", jnp.float32(2.5))])])
     qc, hf = modelopt_configs([], "x")
-    out = w.finalize({}, hf, quantization_config=qc)
+    out = w.finalize({"quantization_config": qc}, hf)
     with safe_open(out / "model-00001-of-00001.safetensors", "pt") as f:
         assert f.get_tensor("b").dtype == torch.bfloat16 and f.get_tensor("b")[1, 2].item() == 5.0
         assert f.get_tensor("f8").dtype == torch.float8_e4m3fn and f.get_tensor("f8").float().sum().item() == 96.0
@@ -365,7 +365,7 @@ def test_planned_writer_refuses_a_tensor_outside_the_plan_and_missing_ones(tmp_p
     w.finish_unit("head")
     qc, hf = modelopt_configs([], "x")
     with pytest.raises(CheckpointError, match="did not finish layer.0"):
-        w.finalize(source_config(), hf, quantization_config=qc)
+        w.finalize({**source_config(), "quantization_config": qc}, hf)
     assert not (tmp_path / "out").exists()
 
 
@@ -460,7 +460,7 @@ def test_transformers_loads_compressed_tensors_output(tmp_path):
                         ("model.layers.0.post_attention_layernorm.weight", (64,))]:
         tensors.append((name, rng.standard_normal(shape).astype(ml_dtypes.bfloat16)))
     w = write_tensors(tmp_path / "out", [("all", tensors)], fmt="compressed-tensors")
-    out = w.finalize(cfg.to_dict(), None, [], None, quantization_config=compressed_tensors_config(["lm_head"]))
+    out = w.finalize({**cfg.to_dict(), "quantization_config": compressed_tensors_config(["lm_head"])}, None)
 
     model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

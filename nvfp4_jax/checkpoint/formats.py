@@ -203,7 +203,7 @@ def _hf_algo(hf_quant: Optional[dict]):
 
 def _require_dict(qc) -> None:
     if not isinstance(qc, dict):
-        raise CheckpointError("config has no quantization_config; pass quantization_config= (see formats.py)")
+        raise CheckpointError("config has no quantization_config (build it with the format's configs())")
 
 
 def modelopt_configs(exclude_modules, producer_version: str) -> tuple[dict, dict]:

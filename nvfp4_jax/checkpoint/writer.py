@@ -347,11 +347,10 @@ class PlannedWriter:
     # -- process 0, at the end ------------------------------------------------------------------
 
     def finalize(self, config: dict, quant_config: dict | None, extra_files=(), report: dict | None = None, *,
-                 manifests=None, units: dict | None = None, quantization_config: dict | None = None) -> Path:
+                 manifests=None, units: dict | None = None) -> Path:
         """Process 0, after every process finished: check coverage, write the rest, rename.
 
-        config: the config.json to write; ``quantization_config``, when given, replaces its
-            quantization_config, which must be the writer's format's.
+        config: the config.json to write; its quantization_config must be the writer's format's.
         quant_config: hf_quant_config.json contents (None: not written).
         extra_files: paths copied verbatim by file name (tokenizer, generation config, *.py, ...).
         report: written as nvfp4_report.json (with the finished units' info under "units").
@@ -363,9 +362,6 @@ class PlannedWriter:
                 raise CheckpointError("finalize needs every process's manifest (manifests=) in a multi-process run")
             manifests = [self.manifest()]
         self.close()
-        config = dict(config)
-        if quantization_config is not None:
-            config["quantization_config"] = quantization_config
         self.format.check_config(config.get("quantization_config"))
         self._check_coverage(manifests)
         self._write_side_files(config, quant_config, extra_files)
