@@ -79,9 +79,6 @@ class ConversionPlan:
     units: tuple[UnitPlan, ...]
     settings: Mapping  # every option that changes the output bytes (resume refuses a change)
 
-    def unit(self, name: str) -> UnitPlan:
-        return next(u for u in self.units if u.name == name)
-
     def writer_units(self) -> list[tuple[str, list[StoredTensor]]]:
         """The units as :class:`nvfp4_jax.checkpoint.writer.PlannedWriter` takes them."""
         return [(u.name, [s for _, specs in u.sources for s in specs]) for u in self.units]

@@ -468,3 +468,21 @@ def test_transformers_loads_compressed_tensors_output(tmp_path):
     for m in shapes:
         got = model.model.layers[0].get_submodule(m).weight.detach().float().numpy()
         np.testing.assert_array_equal(got, ref[m].astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=m)
+
+
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_format_names_round_trip_and_match_what_it_stores(fmt):
+    """Logical -> stored -> logical gives the name back, and stored_spec names/shapes what encode writes."""
+    f = get_format(fmt)
+    t = nvfp4_module(np.random.default_rng(1), 16, 32)
+    for param, a in t.items():
+        name = f"model.layers.0.mlp.down_proj.{param}"
+        a = np.asarray(a)
+        ((stored, b),) = f.encode(name, a)
+        b = np.asarray(b)
+        assert f.stored_spec(name, st_dtype(a.dtype), a.shape) == (stored, st_dtype(b.dtype), b.shape)
+        assert f.logical_name(stored) == name
+        if param in ("weight_scale_2", "input_scale"):  # read back as the multiplying f32 scale
+            want = t[param] if fmt == "modelopt" else np.float32(1.0) / b.reshape(-1)[0]
+            assert f.tensor_scale(b) == want and f.tensor_scale(b).dtype == np.float32
+    assert f.logical_name("model.norm.weight") == "model.norm.weight"
