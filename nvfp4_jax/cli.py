@@ -51,11 +51,10 @@ def cmd_convert(args) -> int:
         input_scale_constant=args.input_scale_constant, fmt=args.format, shard_size=args.shard_size,
         resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if args.coordinator or args.num_processes > 1:
-        from nvfp4_jax.distributed import convert_distributed
+        from nvfp4_jax.distributed import Processes, convert_distributed
 
-        report = convert_distributed(src, Path(args.out), opts, coordinator=args.coordinator,
-                                     num_processes=args.num_processes, process_id=args.process_id,
-                                     timeout_s=args.timeout)
+        report = convert_distributed(src, Path(args.out), opts,
+                                     Processes(args.coordinator, args.num_processes, args.process_id, args.timeout))
     else:
         report = convert(src, Path(args.out), opts)
     if report:

@@ -7,14 +7,14 @@
 How the work is split, and why the result is byte-identical to a one-process run:
 
 * Output layout first. Every output tensor's name, dtype and shape follow from the reader's
-  shapes and the quantization decisions (:func:`nvfp4_jax.pipeline.output_plan`), so shard
+  shapes and the quantization decisions (:class:`nvfp4_jax.plan.ConversionPlan`), so shard
   boundaries, headers and byte offsets are computed before any data exists, with the rule of the
   one-process writer (:class:`nvfp4_jax.checkpoint.writer.PlannedWriter`). Every process computes
   the plan itself; they check that they agree (a digest exchange), process 0 creates ``OUT.partial``
   with every shard file at its final size, and each process writes its own tensors at their
   offsets. ``OUT`` must be on a file system every process sees.
 * Work split. Source tensors are dealt to processes largest first, a fused group as one item
-  (:func:`nvfp4_jax.pipeline.assign_owners`); a process quantizes and writes only its share.
+  (:meth:`nvfp4_jax.plan.ConversionPlan.owners`); a process quantizes and writes only its share.
   Calibration is split by whole batches (batch ``b`` goes to process ``b % N``), so each batch's
   forward is exactly the one-process forward; after every layer the statistics are merged over all
   processes (max of every amax, sum of token counts: order-free and exact), so every process
@@ -37,9 +37,10 @@ a third of ``--timeout`` within 5..100 s (:func:`heartbeat_seconds`). A process 
 ``process I is gone``. Only a lost coordinator (process 0, which hosts the service) ends the others
 through JAX's own fatal error, within seconds.
 
-Test hook: ``NVFP4_JAX_FAULT=PID:POINT:ACTION`` makes process PID ``kill`` itself (SIGKILL) or
-``raise`` at POINT (``stats:layer.L`` before the statistics exchange of layer L, ``done`` before
-reporting its manifest).
+:class:`ProcessGroup` is the :class:`nvfp4_jax.coordinator.Coordinator` of one such process. Tests
+inject failures with ``fault``, a callable given the name of each point a process passes
+(``stats:layer.L`` before the statistics exchange of layer L, ``done`` before reporting its
+manifest), which may kill the process or raise.
 """
 
 from __future__ import annotations
@@ -48,14 +49,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from nvfp4_jax.calibration import CalibStats
+from nvfp4_jax.coordinator import Coordinator, WriteOutputs, process_writer
 from nvfp4_jax.errors import NVFP4Error, UsageError
 
 _PREFIX = "nvfp4_jax"
@@ -70,17 +70,20 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class ProcessGroup:
+class ProcessGroup(Coordinator):
     """The processes of one conversion, talking through the ``jax.distributed`` key-value store.
 
     Every exchange is ``set my key, then wait for the others' keys``; a wait polls every second and
     between polls looks for error keys and dead processes, so it ends with a clear
     :class:`DistributedError` instead of hanging; ``timeout_s`` bounds a wait on a live process.
+    fault: called with the name of each fault point this process passes (tests only).
     """
 
-    def __init__(self, client, process_id: int, num_processes: int, timeout_s: float = 300.0):
+    def __init__(self, client, process_id: int, num_processes: int, timeout_s: float = 300.0,
+                 fault: Optional[Callable[[str], None]] = None):
         self.client, self.process_id, self.num_processes = client, int(process_id), int(num_processes)
         self.timeout_s = float(timeout_s)
+        self.fault = fault or (lambda point: None)
 
     # -- primitives -----------------------------------------------------------------------------
 
@@ -169,29 +172,20 @@ class ProcessGroup:
                        else self.wait(self._key(tag, p), f"{what} from process {p}"))
         return out
 
-    def _fault(self, point: str) -> None:
-        spec = os.environ.get("NVFP4_JAX_FAULT", "")
-        if not spec:
-            return
-        pid, rest = spec.split(":", 1)
-        where, action = rest.rsplit(":", 1)
-        if int(pid) != self.process_id or where != point:
-            return
-        sys.stderr.write(f"NVFP4_JAX_FAULT: process {self.process_id} {action} at {point}\n")
-        sys.stderr.flush()
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected fault at {point}")
-
     # -- the steps of a conversion ----------------------------------------------------------------
 
-    def open_writer(self, out, plan, opt, fingerprint: dict):
-        """The shared output: agree on the plan, process 0 lays out the files, all open them."""
-        from nvfp4_jax.checkpoint.writer import PlannedWriter
+    def batches(self, batches: Sequence) -> list:
+        return list(batches[self.process_id::self.num_processes])
 
-        units = [(unit, [spec for _, specs in items for spec in specs]) for unit, items in plan]
-        writer = PlannedWriter(out, units, shard_size=opt.shard_size, fmt=opt.fmt, process_id=self.process_id,
-                               num_processes=self.num_processes, resume=opt.resume, overwrite=opt.overwrite)
+    def owned(self, plan) -> frozenset:
+        return frozenset(n for n, p in plan.owners(self.num_processes).items() if p == self.process_id)
+
+    def report_fields(self) -> dict:
+        return {"processes": self.num_processes}
+
+    def open_writer(self, out, plan, options, fingerprint: str):
+        """The shared output: agree on the plan, process 0 lays out the files, all open them."""
+        writer = process_writer(out, plan, options, self)
         mine = _digest({"plan": writer.digest, "run": fingerprint, "out": str(Path(out).resolve())})
         digests = self.all_gather("plan", mine, "the output plan")
         differ = [p for p, d in enumerate(digests) if d != digests[0]]
@@ -209,7 +203,7 @@ class ProcessGroup:
 
     def allreduce_stats(self, unit: str, stats: CalibStats) -> CalibStats:
         """The statistics of ``unit`` over every process (max amax, summed token counts)."""
-        self._fault(f"stats:{unit}")
+        self.fault(f"stats:{unit}")
         parts = self.all_gather(f"stats/{unit}", json.dumps(stats.to_json()), f"the {unit} calibration statistics")
         merged = CalibStats()
         for part in parts:
@@ -218,7 +212,7 @@ class ProcessGroup:
 
     def gather_manifests(self, writer) -> Optional[list[dict]]:
         """Process 0: every process's manifest once all have finished; others: post theirs, None."""
-        self._fault("done")
+        self.fault("done")
         mine = json.dumps(writer.manifest())
         if self.process_id != 0:
             self.publish(self._key("done", self.process_id), mine)
@@ -228,11 +222,15 @@ class ProcessGroup:
             out.append(json.loads(self.wait(self._key("done", p), f"process {p} to finish its tensors")))
         return out
 
-    def announce_finalized(self) -> None:
+    def finish(self, writer, write_outputs: WriteOutputs) -> Optional[dict]:
+        manifests = self.gather_manifests(writer)
+        if manifests is None:
+            writer.close()
+            self.wait(self._key("finalized"), "process 0 to write the index and configs and finalize the output")
+            return None
+        report = write_outputs(merge_unit_info([m["units"] for m in manifests], writer.unit_order), manifests)
         self.publish(self._key("finalized"), "ok")
-
-    def wait_finalized(self) -> None:
-        self.wait(self._key("finalized"), "process 0 to write the index and configs and finalize the output")
+        return report
 
     def linger(self, limit_s: float) -> None:
         """Process 0 hosts the coordination service: stay until the others have left (or limit_s),
@@ -254,11 +252,47 @@ def heartbeat_seconds(timeout_s: float) -> int:
     return int(max(5, min(100, round(timeout_s / 3))))
 
 
-def initialize(coordinator: Optional[str], num_processes: int, process_id: int, timeout_s: float) -> ProcessGroup:
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """This process's place in a multi-process run (the CLI's --coordinator, --num-processes,
+    --process-id, --timeout); ``fault``: see :class:`ProcessGroup` (tests only)."""
+
+    coordinator: Optional[str]
+    num_processes: int
+    process_id: int
+    timeout_s: float = 300.0
+    fault: Optional[Callable[[str], None]] = None
+
+
+def _coordination_client():
+    """The key-value client of the running ``jax.distributed`` service. JAX exposes it only through
+    its private ``jax._src.distributed`` module, so a JAX release that moved it fails here, clearly."""
+    import jax
+
+    try:
+        from jax._src import distributed as jax_distributed
+
+        client = jax_distributed.global_state.client
+    except (ImportError, AttributeError) as e:
+        raise DistributedError(
+            f"jax {jax.__version__} no longer has jax._src.distributed.global_state.client ({e}), the "
+            "coordination service client that multi-process conversion talks through; use a jax version "
+            "that has it (see pyproject.toml)") from None
+    missing = [m for m in ("key_value_set", "key_value_try_get", "key_value_dir_get", "blocking_key_value_get",
+                           "get_live_nodes") if not hasattr(client, m)]
+    if client is None or missing:
+        raise DistributedError(f"the jax.distributed client of jax {jax.__version__} is "
+                               f"{'not started' if client is None else 'missing ' + ', '.join(missing)}; "
+                               "multi-process conversion cannot exchange its keys")
+    return client
+
+
+def initialize(processes: Processes) -> ProcessGroup:
     """``jax.distributed.initialize`` with bounded timeouts, and the group over its client."""
     import jax
-    from jax._src import distributed as jax_distributed
 
+    coordinator, num_processes, process_id, timeout_s = (processes.coordinator, processes.num_processes,
+                                                         processes.process_id, processes.timeout_s)
     if not coordinator:
         raise UsageError("--num-processes > 1 needs --coordinator HOST:PORT (the address of process 0)")
     if num_processes < 1 or not 0 <= process_id < num_processes:
@@ -277,40 +311,58 @@ def initialize(coordinator: Optional[str], num_processes: int, process_id: int, 
                                initialization_timeout=secs, heartbeat_timeout_seconds=heartbeat_seconds(timeout_s),
                                shutdown_timeout_seconds=secs)
     jax.devices()  # start the backend now, while every process is known to be alive
-    return ProcessGroup(jax_distributed.global_state.client, process_id, num_processes, timeout_s)
+    return ProcessGroup(_coordination_client(), process_id, num_processes, timeout_s, processes.fault)
 
 
-def convert_distributed(src, out, opts, *, coordinator: Optional[str], num_processes: int, process_id: int,
-                        timeout_s: float = 300.0) -> Optional[dict]:
+def convert_distributed(src, out, opts, processes: Processes) -> Optional[dict]:
     """One process of a multi-process :func:`nvfp4_jax.pipeline.convert`; returns the report on
-    process 0 and None elsewhere. Every process runs the same command but ``process_id``."""
+    process 0 and None elsewhere. Every process runs the same command but the process id."""
     import jax
 
     from nvfp4_jax.pipeline import convert
 
-    group = initialize(coordinator, num_processes, process_id, timeout_s)
-    if process_id != 0:
+    group = initialize(processes)
+    pid = group.process_id
+    if pid != 0:
         opts = dataclasses.replace(opts, progress=False)
 
     def log(message: str) -> None:
-        print(f"[process {process_id}] {message}", file=sys.stderr, flush=True)
+        print(f"[process {pid}] {message}", file=sys.stderr, flush=True)
 
     try:
-        report = convert(src, out, opts, log=log, group=group)
+        report = convert(src, out, opts, log=log, coordinator=group)
     except BaseException as e:
         group.post_error(f"{type(e).__name__}: {e}")
-        if process_id == 0:
-            group.linger(min(10.0, timeout_s))
+        if pid == 0:
+            group.linger(min(10.0, group.timeout_s))
         try:
             jax.distributed.shutdown()
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
         raise
     group.mark_left()
-    if process_id == 0:
-        group.linger(timeout_s)
+    if pid == 0:
+        group.linger(group.timeout_s)
     jax.distributed.shutdown()
     return report
 
 
-__all__ = ["DistributedError", "ProcessGroup", "initialize", "convert_distributed"]
+def merge_unit_info(per_process: Sequence[dict], unit_order: Sequence[str]) -> dict[str, dict]:
+    """The unit info of a multi-process run, from every process's share: counts summed, module
+    lists joined, the rest (the same on every process) taken once."""
+    out: dict[str, dict] = {}
+    for unit in unit_order:
+        merged: dict = {}
+        for units in per_process:
+            for k, v in units.get(unit, {}).items():
+                if k in ("quantized", "tensors"):
+                    merged[k] = merged.get(k, 0) + v
+                elif isinstance(v, list):
+                    merged[k] = sorted(set(merged.get(k, [])) | set(v))
+                else:
+                    merged.setdefault(k, v)
+        out[unit] = merged
+    return out
+
+
+__all__ = ["DistributedError", "ProcessGroup", "Processes", "initialize", "convert_distributed", "merge_unit_info"]

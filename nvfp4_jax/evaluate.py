@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvfp4_jax import numerics
+from nvfp4_jax.checkpoint import formats
 from nvfp4_jax.checkpoint.safetensors_io import CheckpointError, FileCache, scan_checkpoint
 from nvfp4_jax.errors import NVFP4Error
 
@@ -110,10 +111,12 @@ class NVFP4Checkpoint:
         if not cfg_path.exists():
             raise EvalError(f"{self.path}: no config.json (is this a checkpoint directory?)")
         self.config = json.loads(cfg_path.read_text())
-        self.format = self._detect_format()
+        self._format = self._detect_format()
+        self.format = self._format.name
         self.entries = self._scan()
         self._cache = FileCache()
-        suffix = "weight_packed" if self.format == "compressed-tensors" else "weight"
+        stored = self._format.stored_params
+        suffix = stored["weight"]
         self.quantized: list[str] = sorted(
             n[: -len(".weight_scale")] for n in self.entries
             if n.endswith(".weight_scale") and f"{n[: -len('.weight_scale')]}.{suffix}" in self.entries
@@ -121,38 +124,25 @@ class NVFP4Checkpoint:
         qset = set(self.quantized)
         hidden = set()
         for m in self.quantized:
-            parts = (("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
-                     if self.format == "compressed-tensors" else
-                     ("weight", "weight_scale", "weight_scale_2", "input_scale"))
-            for p in parts:
+            for p in (stored[q] for q in formats.QUANTIZED_PARAMS):
                 if f"{m}.{p}" not in self.entries:
                     raise EvalError(f"{self.path}: quantized module {m} has no {p!r} tensor")
                 hidden.add(f"{m}.{p}")
         self._plain = sorted(n for n in self.entries if n not in hidden)
         self._names = sorted(self._plain + [f"{m}.weight" for m in qset])
 
-    def _detect_format(self) -> str:
-        qc = self.config.get("quantization_config") or {}
+    def _detect_format(self) -> formats.OutputFormat:
         hf = self.path / "hf_quant_config.json"
-        algo = None
-        if hf.exists():
-            algo = (json.loads(hf.read_text()).get("quantization") or {}).get("quant_algo")
-        method = qc.get("quant_method")
-        if method == "modelopt" or (method is None and algo):
-            if (qc.get("quant_algo") or algo) != "NVFP4":
-                raise EvalError(f"{self.path}: ModelOpt checkpoint with quant_algo "
-                                f"{qc.get('quant_algo') or algo!r}, not NVFP4")
-            return "modelopt"
-        if method == "compressed-tensors":
-            fmt = qc.get("format") or next(
-                (g.get("format") for g in (qc.get("config_groups") or {}).values() if g.get("format")), None)
-            if fmt != "nvfp4-pack-quantized":
-                raise EvalError(f"{self.path}: compressed-tensors checkpoint in format {fmt!r}; eval reads "
-                                "only NVFP4 ('nvfp4-pack-quantized')")
-            return "compressed-tensors"
-        raise EvalError(f"{self.path}: config.json has no NVFP4 quantization_config (quant_method "
-                        f"{method!r}); eval needs a ModelOpt NVFP4 or compressed-tensors "
-                        "nvfp4-pack-quantized checkpoint as CKPT")
+        qc = self.config.get("quantization_config") or {}
+        try:
+            fmt = formats.detect_format(qc, json.loads(hf.read_text()) if hf.exists() else None)
+        except formats.FormatError as e:
+            raise EvalError(f"{self.path}: {e}") from None
+        if fmt is None:
+            raise EvalError(f"{self.path}: config.json has no NVFP4 quantization_config (quant_method "
+                            f"{qc.get('quant_method')!r}); eval needs a ModelOpt NVFP4 or compressed-tensors "
+                            "nvfp4-pack-quantized checkpoint as CKPT")
+        return fmt
 
     def _scan(self):
         try:
@@ -171,14 +161,10 @@ class NVFP4Checkpoint:
 
     def nvfp4(self, module: str) -> tuple[numerics.NVFP4Tensor, np.float32]:
         """(weight as NVFP4Tensor, input_scale) of a quantized module, in ModelOpt terms."""
-        if self.format == "compressed-tensors":
-            w = self.raw(f"{module}.weight_packed")
-            s2 = np.float32(np.float32(1.0) / np.float32(self.raw(f"{module}.weight_global_scale").reshape(-1)[0]))
-            si = np.float32(np.float32(1.0) / np.float32(self.raw(f"{module}.input_global_scale").reshape(-1)[0]))
-        else:
-            w = self.raw(f"{module}.weight")
-            s2 = np.float32(self.raw(f"{module}.weight_scale_2").reshape(-1)[0])
-            si = np.float32(self.raw(f"{module}.input_scale").reshape(-1)[0])
+        stored = self._format.stored_params
+        w = self.raw(f"{module}.{stored['weight']}")
+        s2 = self._format.tensor_scale(self.raw(f"{module}.{stored['weight_scale_2']}"))
+        si = self._format.tensor_scale(self.raw(f"{module}.{stored['input_scale']}"))
         t = numerics.NVFP4Tensor(weight=jnp.asarray(np.asarray(w)),
                                  weight_scale=jnp.asarray(np.asarray(self.raw(f"{module}.weight_scale"))),
                                  weight_scale_2=jnp.asarray(s2, jnp.float32))

@@ -31,6 +31,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from nvfp4_jax.checkpoint import formats
 from nvfp4_jax.checkpoint.layout import (
     FusedShardMismatch,
     Layout,
@@ -123,8 +124,8 @@ class _Verifier:
 
         qm = (qc or {}).get("quant_method") if isinstance(qc, dict) else None
         qfmt = (qc or {}).get("format") if isinstance(qc, dict) else None
-        if qm == "compressed-tensors" and (qfmt == "nvfp4-pack-quantized" or (
-                qfmt is None and _ct_groups_format(qc) == "nvfp4-pack-quantized")) and not has_ws2:
+        if (qm == "compressed-tensors" and formats.CompressedTensors.declared_format(qc) == formats.CT_FORMAT
+                and not has_ws2):
             self.fmt = "compressed-tensors"
             self._check_ct_config(qc, hq)
             lists.append(("config.json ignore", list(qc.get("ignore") or [])))
@@ -193,7 +194,7 @@ class _Verifier:
             elif not isinstance(ign, list):
                 self.add(ERROR, "config.json", "quantization_config.ignore is not a list")
                 ign = None
-            gs = _group_sizes(qc)
+            gs = formats.declared_group_sizes(qc)
             if not gs:
                 self.add(ERROR, "config.json", "quantization_config has no group_size (top level "
                          "or config_groups.*.weights); SGLang refuses to load")
@@ -516,27 +517,6 @@ class _Verifier:
         finally:
             store.close()
         return self.findings
-
-
-def _group_sizes(qc: dict) -> set:
-    sizes = set()
-    if isinstance(qc.get("group_size"), int):
-        sizes.add(qc["group_size"])
-    for g in (qc.get("config_groups") or {}).values():
-        if isinstance(g, dict):
-            if isinstance(g.get("group_size"), int):
-                sizes.add(g["group_size"])
-            for sub in g.values():
-                if isinstance(sub, dict) and isinstance(sub.get("group_size"), int):
-                    sizes.add(sub["group_size"])
-    return sizes
-
-
-def _ct_groups_format(qc: dict):
-    for g in (qc.get("config_groups") or {}).values():
-        if isinstance(g, dict) and g.get("format"):
-            return g["format"]
-    return None
 
 
 def verify(path, *, check_values: bool = True) -> list[Finding]:

@@ -8,11 +8,12 @@ Properties checked:
   small enough that one shard holds tensors of several processes, modelopt and
   compressed-tensors formats, calibrated and calibration-free.
 * The planned writer, driven by two "processes" in one interpreter writing interleaved, gives the
-  streaming writer's bytes (the layout rule is shared, not re-derived).
+  one-process writer's bytes.
 * A process killed mid-run (SIGKILL, no goodbye) makes the survivor exit non-zero soon after the
   heartbeat timeout, with a message naming the lost process; OUT is not created; rerunning every
   process with --resume completes and gives the one-process bytes. A process that fails with an
-  error has its error reported by the others.
+  error has its error reported by the others. Faults are injected through the ``fault`` hook of
+  ``distributed.Processes``, by a small driver script around the CLI.
 
 All processes share a persistent compilation cache so that only the first run of a model pays
 for XLA compilation.
@@ -33,13 +34,30 @@ import numpy as np
 import pytest
 
 from nvfp4_jax import examples
-from nvfp4_jax.checkpoint.writer import CheckpointWriter, PlannedWriter
+from nvfp4_jax.checkpoint.writer import PlannedWriter, WriterOptions
 from nvfp4_jax.checkpoint.formats import modelopt_configs
 from nvfp4_jax.checkpoint.safetensors_io import CheckpointError, st_dtype
 from nvfp4_jax.distributed import heartbeat_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 400  # s, a whole multi-process run on a busy 2-core machine
+# one process of a run whose ``fault`` hook kills it or raises at one point: argv POINT ACTION CLI-ARGS...
+FAULT_DRIVER = """
+import dataclasses, os, signal, sys
+from nvfp4_jax import cli, distributed
+point, action = sys.argv[1:3]
+def fault(at):
+    if at != point:
+        return
+    print(f"injected fault: {action} at {at}", file=sys.stderr, flush=True)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at {at}")
+run = distributed.convert_distributed
+distributed.convert_distributed = lambda src, out, opts, processes: run(
+    src, out, opts, dataclasses.replace(processes, fault=fault))
+sys.exit(cli.main(sys.argv[3:]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +71,17 @@ def work(tmp_path_factory):
     return {"root": root, "srcs": srcs, "refs": {}, "cache": root / "jax_cache"}
 
 
-def _env(work, **extra):
+def _env(work):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                JAX_COMPILATION_CACHE_DIR=str(work["cache"]), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.pop("XLA_FLAGS", None)
-    env.update(extra)
     return env
 
 
 def _args(work, model, out, extra):
     root = work["root"]
-    return [sys.executable, "-m", "nvfp4_jax.cli", "convert", str(work["srcs"][model]), str(out),
+    return ["convert", str(work["srcs"][model]), str(out),
             "--calib-tokens", str(root / f"{model}_tokens.json"), "--batch-size", "1", "--quiet", *extra]
 
 
@@ -79,22 +96,25 @@ def reference(work, model, extra=()):
     key = (model, tuple(extra))
     if key not in work["refs"]:
         out = work["root"] / f"ref-{model}-{len(work['refs'])}"
-        p = subprocess.run(_args(work, model, out, extra), cwd=REPO, env=_env(work), capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "nvfp4_jax.cli", *_args(work, model, out, extra)], cwd=REPO, env=_env(work), capture_output=True,
                            text=True, timeout=RUN_TIMEOUT)
         assert p.returncode == 0, p.stdout + p.stderr
         work["refs"][key] = out
     return work["refs"][key]
 
 
-def launch(work, model, out, n, extra=(), timeout_s=120, env=None):
-    """Start processes 0..n-1 of one run; returns the Popen objects (stdout+stderr to a pipe)."""
+def launch(work, model, out, n, extra=(), fault=None):
+    """Start processes 0..n-1 of one run; returns the Popen objects (stdout+stderr to a pipe).
+    extra: more CLI flags (a --timeout there replaces the default 120 s); fault: (process id,
+    point, "kill" or "raise") injected into that process."""
     port = _free_port()
     procs = []
     for i in range(n):
-        cmd = _args(work, model, out, [*extra, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
-                                       "--process-id", str(i), "--timeout", str(timeout_s)])
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env or _env(work), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        args = _args(work, model, out, ["--timeout", "120", *extra, "--coordinator", f"127.0.0.1:{port}",
+                                        "--num-processes", str(n), "--process-id", str(i)])
+        prefix = (["-c", FAULT_DRIVER, *fault[1:]] if fault and fault[0] == i else ["-m", "nvfp4_jax.cli"])
+        procs.append(subprocess.Popen([sys.executable, *prefix, *args], cwd=REPO, env=_env(work),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
 
@@ -153,8 +173,7 @@ def test_killed_process_stops_the_others_then_resume_completes(work):
     ref = reference(work, "llama")
     out = work["root"] / "dist-killed"
     timeout_s = 60  # heartbeat timeout 20 s: a dead process is noticed after that
-    procs = launch(work, "llama", out, 2, timeout_s=timeout_s,
-                   env=_env(work, NVFP4_JAX_FAULT="1:stats:layer.1:kill"))
+    procs = launch(work, "llama", out, 2, ["--timeout", str(timeout_s)], fault=(1, "stats:layer.1", "kill"))
     try:
         procs[1].wait(timeout=RUN_TIMEOUT)
         died = time.monotonic()
@@ -178,7 +197,7 @@ def test_killed_process_stops_the_others_then_resume_completes(work):
 
 def test_failing_process_error_reaches_the_others(work):
     out = work["root"] / "dist-error"
-    procs = launch(work, "llama", out, 2, env=_env(work, NVFP4_JAX_FAULT="1:stats:layer.0:raise"))
+    procs = launch(work, "llama", out, 2, fault=(1, "stats:layer.0", "raise"))
     codes, outs = finish(procs)
     assert codes[0] != 0 and codes[1] != 0, outs
     assert "process 1 of 2 failed: RuntimeError: injected fault at stats:layer.0" in outs[0], outs[0]
@@ -203,21 +222,27 @@ def _tensors():
     return units
 
 
-def test_planned_writer_from_two_processes_matches_streaming_writer(tmp_path):
+def _plan(units):
+    return [(u, [(n, st_dtype(np.asarray(a).dtype), np.shape(a), np.asarray(a).nbytes) for n, a in ts])
+            for u, ts in units]
+
+
+def test_planned_writer_from_two_processes_matches_one_process(tmp_path):
     units = _tensors()
+    plan = _plan(units)
     qc, hf = modelopt_configs(["lm_head"], "x")
     cfg = {"model_type": "llama"}
 
-    w = CheckpointWriter(tmp_path / "stream", shard_size=20_000)
+    one = PlannedWriter(tmp_path / "one", plan, WriterOptions(shard_size=20_000))
+    one.prepare()
+    one.open()
     for unit, ts in units:
         for name, a in ts:
-            w.add(name, a)
-        w.finish_unit(unit, {"n": len(ts)})
-    w.finalize(cfg, hf, quantization_config=qc)
+            one.add(name, a)
+        one.finish_unit(unit, {"n": len(ts)})
+    one.finalize({**cfg, "quantization_config": qc}, hf)
 
-    plan = [(u, [(n, st_dtype(np.asarray(a).dtype), np.shape(a), np.asarray(a).nbytes) for n, a in ts])
-            for u, ts in units]
-    ws = [PlannedWriter(tmp_path / "planned", plan, shard_size=20_000, process_id=i, num_processes=2)
+    ws = [PlannedWriter(tmp_path / "planned", plan, WriterOptions(shard_size=20_000, process_id=i, num_processes=2))
           for i in range(2)]
     assert ws[0].digest == ws[1].digest
     ws[0].prepare()
@@ -230,16 +255,15 @@ def test_planned_writer_from_two_processes_matches_streaming_writer(tmp_path):
             w.finish_unit(unit, {})
     ws[1].close()
     assert len(ws[0].files) > 2
-    ws[0].finalize(cfg, hf, manifests=[w.manifest() for w in ws], quantization_config=qc)
-    assert_same_files(tmp_path / "stream", tmp_path / "planned")
+    ws[0].finalize({**cfg, "quantization_config": qc}, hf, manifests=[w.manifest() for w in ws])
+    assert_same_files(tmp_path / "one", tmp_path / "planned")
 
 
 def test_planned_writer_refuses_incomplete_or_foreign_state(tmp_path):
     units = _tensors()
-    plan = [(u, [(n, st_dtype(np.asarray(a).dtype), np.shape(a), np.asarray(a).nbytes) for n, a in ts])
-            for u, ts in units]
+    plan = _plan(units)
     qc, hf = modelopt_configs([], "x")
-    w = PlannedWriter(tmp_path / "out", plan, shard_size=20_000, process_id=0, num_processes=1)
+    w = PlannedWriter(tmp_path / "out", plan, WriterOptions(shard_size=20_000))
     w.prepare()
     w.open()
     for unit, ts in units[:-1]:
@@ -247,12 +271,10 @@ def test_planned_writer_refuses_incomplete_or_foreign_state(tmp_path):
             w.add(name, a)
         w.finish_unit(unit)
     with pytest.raises(CheckpointError, match="did not finish layer.3"):
-        w.finalize({}, hf, manifests=[w.manifest()], quantization_config=qc)
+        w.finalize({"quantization_config": qc}, hf, manifests=[w.manifest()])
     with pytest.raises(CheckpointError, match="expects U8"):
         w.add("model.layers.3.q_proj.weight", np.zeros((64, 64), np.float32))
     w.close()
-    # another process count cannot resume this partial output, nor can a one-process run
-    with pytest.raises(CheckpointError, match="started with 1 processes"):
-        PlannedWriter(tmp_path / "out", plan, shard_size=20_000, num_processes=2, resume=True).prepare()
-    with pytest.raises(CheckpointError, match="same --num-processes"):
-        CheckpointWriter(tmp_path / "out", shard_size=20_000, resume=True)
+    # another process count cannot resume this partial output
+    with pytest.raises(CheckpointError, match=r"num_processes 1 \(this run: 2\)"):
+        PlannedWriter(tmp_path / "out", plan, WriterOptions(shard_size=20_000, num_processes=2, resume=True)).prepare()

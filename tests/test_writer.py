@@ -1,5 +1,5 @@
-"""CheckpointWriter, the one-process PlannedWriter and output formats: round trip, atomic rename, resume,
-SIGKILL, resume checksums, compressed-tensors."""
+"""The planned writer (one process) and the output formats: round trip, shard sizing, atomic rename,
+resume (settings named, CRC checks), SIGKILL, compressed-tensors."""
 
 import json
 import os
@@ -21,13 +21,15 @@ from tests.paths import TINY_LLAMA
 from nvfp4_jax.checkpoint import (
     CheckpointError,
     CheckpointReader,
-    CheckpointWriter,
+    PlannedWriter,
+    WriterOptions,
     compressed_tensors_config,
+    get_format,
     modelopt_configs,
+    open_planned_writer,
     to_compressed_tensors,
 )
 from nvfp4_jax.checkpoint.safetensors_io import read_header, st_dtype
-from nvfp4_jax.checkpoint.writer import PlannedWriter, open_planned_writer
 
 GOLDEN = TINY_LLAMA / "modelopt_nvfp4"
 
@@ -70,29 +72,38 @@ def source_config():
             "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
 
 
+def stored_specs(tensors, fmt="modelopt"):
+    """(name, dtype, shape, nbytes) of ``[(name, array), ...]`` as the format stores them."""
+    specs = []
+    for name, a in tensors:
+        for n, b in get_format(fmt).encode(name, a):
+            b = np.asarray(b)
+            specs.append((n, st_dtype(b.dtype), b.shape, b.nbytes))
+    return specs
+
+
 def planned_units(fmt="modelopt"):
     """The synthetic model's output layout, as PlannedWriter takes it (after the format's renaming)."""
     units = [("head", head_tensors())] + [(f"layer.{i}", layer_tensors(i)) for i in range(NUM_LAYERS)]
-    out = []
+    return [(unit, stored_specs(ts, fmt)) for unit, ts in units]
+
+
+def write_tensors(out, units, fmt="modelopt"):
+    """A one-process writer for ``[(unit, [(name, array), ...]), ...]``, every unit added and finished."""
+    w = open_planned_writer(out, [(u, stored_specs(ts, fmt)) for u, ts in units], WriterOptions(fmt=fmt))
     for unit, ts in units:
-        specs = []
         for name, a in ts:
-            for n, b in (to_compressed_tensors(name, a) if fmt == "compressed-tensors" else [(name, a)]):
-                b = np.asarray(b)
-                specs.append((n, st_dtype(b.dtype), b.shape, b.nbytes))
-        out.append((unit, specs))
-    return out
+            w.add(name, a)
+        w.finish_unit(unit)
+    return w
 
 
-def write_all(out, extra_files=(), *, shard_size=20_000, stop_after=None, fmt="modelopt", resume=False,
-              overwrite=False, planned=False, verify_checksums=True):
+def write_all(out, extra_files=(), *, stop_after=None, **options):
     """Convert the synthetic model unit by unit; stop_after=k leaves the run unfinished after k units.
-    planned=True: the one-process planned writer (layout up front, tensors written in place)."""
-    if planned:
-        w = open_planned_writer(out, planned_units(fmt), shard_size=shard_size, resume=resume, overwrite=overwrite,
-                                fmt=fmt, verify_checksums=verify_checksums)
-    else:
-        w = CheckpointWriter(out, shard_size=shard_size, resume=resume, overwrite=overwrite, fmt=fmt)
+    options: WriterOptions fields (default shard_size 20000, settings preset "all")."""
+    options = WriterOptions(**{"shard_size": 20_000, "settings": {"preset": "all"}, **options})
+    fmt = options.fmt
+    w = open_planned_writer(out, planned_units(fmt), options)
     units = [("head", head_tensors)] + [(f"layer.{i}", lambda i=i: layer_tensors(i)) for i in range(NUM_LAYERS)]
     done = 0
     for unit, make in units:
@@ -109,11 +120,8 @@ def write_all(out, extra_files=(), *, shard_size=20_000, stop_after=None, fmt="m
         w.finish_unit(unit, {"tensors": len(make())})
         done += 1
     exclude = ["lm_head", "model.embed_tokens"]
-    if fmt == "modelopt":
-        qc, hf = modelopt_configs(exclude, "0.47.0")
-    else:
-        qc, hf = compressed_tensors_config(exclude), None
-    return w.finalize(source_config(), hf, extra_files, {"note": "test"}, quantization_config=qc)
+    qc, hf = get_format(fmt).configs(exclude, "0.47.0")
+    return w.finalize({**source_config(), "quantization_config": qc}, hf, extra_files, {"note": "test"})
 
 
 def dir_bytes(path: Path) -> dict[str, bytes]:
@@ -166,6 +174,22 @@ def test_round_trip_dtypes_shapes_and_index(tmp_path):
         CheckpointReader(out)
 
 
+def test_shards_follow_the_size_rule(tmp_path):
+    """Tensors fill shards in add order; a shard is closed before the tensor that would push its data
+    past shard_size, and a tensor larger than shard_size has a shard of its own."""
+    shard_size = 20_000
+    out = write_all(tmp_path / "out", shard_size=shard_size)
+    order = [n for _, specs in planned_units() for n, *_ in specs]
+    sizes = {n: a.nbytes for n, a in all_expected().items()}
+    shards = [list(read_header(p)[0]) for p in sorted(out.glob("*.safetensors"))]
+    assert [n for names in shards for n in names] == order
+    for i, names in enumerate(shards):
+        data = sum(sizes[n] for n in names)
+        assert data <= shard_size or len(names) == 1, i
+        if i + 1 < len(shards):
+            assert data + sizes[shards[i + 1][0]] > shard_size, i
+
+
 def test_modelopt_configs_match_golden():
     qc, hf = modelopt_configs(["lm_head", "model.embed_tokens"], "0.47.0")
     assert json.dumps(hf, indent=4) == (GOLDEN / "hf_quant_config.json").read_text()
@@ -178,14 +202,14 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(CheckpointError, match="already exists"):
-        CheckpointWriter(out)
+        open_planned_writer(out, planned_units())
     write_all(out, overwrite=True)
     assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_duplicate_tensor_and_unfinished_unit_errors(tmp_path):
-    w = CheckpointWriter(tmp_path / "out")
+def test_duplicate_tensor_and_wrong_quant_config_errors(tmp_path):
+    w = open_planned_writer(tmp_path / "out", [("u", [("a", "F32", (), 4)])])
     w.add("a", np.zeros((), np.float32))
     with pytest.raises(CheckpointError, match="'a' was added twice"):
         w.add("a", np.zeros((), np.float32))
@@ -193,15 +217,6 @@ def test_duplicate_tensor_and_unfinished_unit_errors(tmp_path):
     with pytest.raises(CheckpointError, match="quant_method"):
         w.finalize({"quantization_config": {"quant_method": "fp8"}}, None)
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("stop_after", [0, 2, 4])
-def test_resume_is_byte_identical(tmp_path, stop_after):
-    ref = dir_bytes(write_all(tmp_path / "ref"))
-    assert write_all(tmp_path / "out", stop_after=stop_after) is None
-    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "manifest.json").exists()
-    out = write_all(tmp_path / "out", resume=True)
-    assert dir_bytes(out) == ref
 
 
 def test_leftover_partial_needs_resume_or_overwrite(tmp_path):
@@ -215,13 +230,11 @@ def test_leftover_partial_needs_resume_or_overwrite(tmp_path):
 def test_add_accepts_jax_arrays(tmp_path):
     import jax.numpy as jnp
 
-    w = CheckpointWriter(tmp_path / "out")
-    w.add("b", jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3))
-    w.add("f8", jnp.full((2, 16), 3.0, jnp.float8_e4m3fn))
-    w.add("s", jnp.float32(2.5))
-    w.finish_unit("u")
+    w = write_tensors(tmp_path / "out", [("u", [("b", jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)),
+                                                 ("f8", jnp.full((2, 16), 3.0, jnp.float8_e4m3fn)),
+                                                 ("s", jnp.float32(2.5))])])
     qc, hf = modelopt_configs([], "x")
-    out = w.finalize({}, hf, quantization_config=qc)
+    out = w.finalize({"quantization_config": qc}, hf)
     with safe_open(out / "model-00001-of-00001.safetensors", "pt") as f:
         assert f.get_tensor("b").dtype == torch.bfloat16 and f.get_tensor("b")[1, 2].item() == 5.0
         assert f.get_tensor("f8").dtype == torch.float8_e4m3fn and f.get_tensor("f8").float().sum().item() == 96.0
@@ -233,25 +246,23 @@ DRIVER = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {root!r})
     import tests.test_writer as tw
-    from nvfp4_jax.checkpoint.writer import {cls} as W
+    from nvfp4_jax.checkpoint.writer import PlannedWriter as W
     orig = W.finish_unit
     def slow_finish(self, unit, info=None):
         orig(self, unit, info)
         print("done", unit, flush=True)
         time.sleep(0.4)
     W.finish_unit = slow_finish
-    tw.write_all(sys.argv[1], resume=True, planned={planned})
+    tw.write_all(sys.argv[1], resume=True)
     print("finalized", flush=True)
     """
 )
 
 
-@pytest.mark.parametrize("planned", [False, True], ids=["streaming", "planned"])
-def test_sigkill_leaves_no_output_and_resumes_identically(tmp_path, planned):
+def test_sigkill_leaves_no_output_and_resumes_identically(tmp_path):
     ref = dir_bytes(write_all(tmp_path / "ref"))
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(root=str(Path(__file__).resolve().parents[1]), planned=planned,
-                                    cls="PlannedWriter" if planned else "CheckpointWriter"))
+    driver.write_text(DRIVER.format(root=str(Path(__file__).resolve().parents[1])))
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, str(driver), str(out)], stdout=subprocess.PIPE, text=True, env=env,
@@ -284,17 +295,10 @@ def test_sigkill_leaves_no_output_and_resumes_identically(tmp_path, planned):
 # --------------------------------------------------------------------------- one-process planned writer
 
 
-@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
-def test_planned_writer_gives_the_streaming_bytes(tmp_path, fmt):
-    ref = dir_bytes(write_all(tmp_path / "ref", fmt=fmt))
-    assert sum(f.endswith(".safetensors") for f in ref) > 2
-    assert dir_bytes(write_all(tmp_path / "out", fmt=fmt, planned=True)) == ref
-
-
 def test_planned_writer_writes_each_tensor_once_in_place(tmp_path):
     """No body or scratch file: the final shards exist from the start, at their final size, and
     the only other files are the plan and the manifest (gone once finalized)."""
-    w = open_planned_writer(tmp_path / "out", planned_units(), shard_size=20_000)
+    w = open_planned_writer(tmp_path / "out", planned_units(), WriterOptions(shard_size=20_000))
     part = tmp_path / "out.partial"
     sizes = {f: part.joinpath(f).stat().st_size for f in w.files}
     assert sorted(p.name for p in part.iterdir()) == sorted([*w.files, "plan.json"])
@@ -308,16 +312,16 @@ def test_planned_writer_writes_each_tensor_once_in_place(tmp_path):
 
 
 @pytest.mark.parametrize("stop_after", [0, 2, 4])
-def test_planned_resume_is_byte_identical(tmp_path, stop_after):
+def test_resume_is_byte_identical(tmp_path, stop_after):
     ref = dir_bytes(write_all(tmp_path / "ref"))
-    assert write_all(tmp_path / "out", stop_after=stop_after, planned=True) is None
+    assert write_all(tmp_path / "out", stop_after=stop_after) is None
     assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "plan.json").exists()
-    assert dir_bytes(write_all(tmp_path / "out", resume=True, planned=True)) == ref
+    assert dir_bytes(write_all(tmp_path / "out", resume=True)) == ref
 
 
 def test_planned_resume_checks_the_finished_units_bytes(tmp_path):
     ref = dir_bytes(write_all(tmp_path / "ref"))
-    write_all(tmp_path / "out", stop_after=3, planned=True)
+    write_all(tmp_path / "out", stop_after=3)
     part = tmp_path / "out.partial"
     name = "model.layers.1.mlp.down_proj.weight"  # in a finished unit
     shard = next(p for p in sorted(part.glob("model-*.safetensors")) if name in read_header(p)[0])
@@ -328,30 +332,32 @@ def test_planned_resume_checks_the_finished_units_bytes(tmp_path):
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(CheckpointError, match="layer.1 .* do not match their checksum"):
-        write_all(tmp_path / "out", resume=True, planned=True)
+        write_all(tmp_path / "out", resume=True)
     assert not (tmp_path / "out").exists()
     with open(shard, "r+b") as f:  # repaired: the resume goes through
         f.seek(at)
         f.write(b)
-    assert dir_bytes(write_all(tmp_path / "out", resume=True, planned=True)) == ref
+    assert dir_bytes(write_all(tmp_path / "out", resume=True)) == ref
 
 
-def test_planned_writer_resumes_a_streaming_partial_as_it_was_started(tmp_path):
-    """A partial output of the streaming writer (an earlier version of convert) is continued by the
-    streaming writer; the planned one and a streaming resume of a planned partial refuse each other."""
+def test_resume_with_other_settings_names_each_one(tmp_path):
+    """A resume whose output-changing settings differ from the partial output's is refused with
+    every differing setting named, before anything is touched; the original settings resume."""
     ref = dir_bytes(write_all(tmp_path / "ref"))
     write_all(tmp_path / "out", stop_after=2)
-    assert dir_bytes(write_all(tmp_path / "out", resume=True, planned=True)) == ref
-    write_all(tmp_path / "p", stop_after=2)
-    with pytest.raises(CheckpointError, match="streaming writer"):
-        PlannedWriter(tmp_path / "p", planned_units(), shard_size=20_000, num_processes=2, resume=True).prepare()
-    write_all(tmp_path / "q", stop_after=2, planned=True)
-    with pytest.raises(CheckpointError, match="same --num-processes"):
-        write_all(tmp_path / "q", resume=True)
+    before = dir_bytes(tmp_path / "out.partial")
+    with pytest.raises(CheckpointError, match=r"other settings: preset 'all' \(this run: 'mlp_only'\), "
+                                              r"shard_size 20000 \(this run: 30000\)"):
+        write_all(tmp_path / "out", resume=True, shard_size=30_000, settings={"preset": "mlp_only"})
+    with pytest.raises(CheckpointError, match=r"num_processes 1 \(this run: 2\)"):
+        PlannedWriter(tmp_path / "out", planned_units(), WriterOptions(
+            shard_size=20_000, num_processes=2, resume=True, settings={"preset": "all"})).prepare()
+    assert dir_bytes(tmp_path / "out.partial") == before
+    assert dir_bytes(write_all(tmp_path / "out", resume=True)) == ref
 
 
 def test_planned_writer_refuses_a_tensor_outside_the_plan_and_missing_ones(tmp_path):
-    w = open_planned_writer(tmp_path / "out", planned_units(), shard_size=20_000)
+    w = open_planned_writer(tmp_path / "out", planned_units(), WriterOptions(shard_size=20_000))
     with pytest.raises(CheckpointError, match="not in the output plan"):
         w.add("model.layers.9.x", np.zeros(3, np.float32))
     for name, a in head_tensors():
@@ -359,7 +365,7 @@ def test_planned_writer_refuses_a_tensor_outside_the_plan_and_missing_ones(tmp_p
     w.finish_unit("head")
     qc, hf = modelopt_configs([], "x")
     with pytest.raises(CheckpointError, match="did not finish layer.0"):
-        w.finalize(source_config(), hf, quantization_config=qc)
+        w.finalize({**source_config(), "quantization_config": qc}, hf)
     assert not (tmp_path / "out").exists()
 
 
@@ -443,20 +449,18 @@ def test_transformers_loads_compressed_tensors_output(tmp_path):
               "self_attn.o_proj": (64, 64), "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
               "mlp.down_proj": (64, 128)}
     rng = np.random.default_rng(0)
-    w = CheckpointWriter(tmp_path / "out", fmt="compressed-tensors")
-    ref = {}
+    tensors, ref = [], {}
     for m, (n, k) in shapes.items():
         t = nvfp4_module(rng, n, k)
-        for p, a in t.items():
-            w.add(f"model.layers.0.{m}.{p}", a)
+        tensors += [(f"model.layers.0.{m}.{p}", a) for p, a in t.items()]
         codes = np.stack([t["weight"] & 0xF, t["weight"] >> 4], -1).reshape(n, -1)
         ref[m] = E2M1[codes] * np.repeat(t["weight_scale"].astype(np.float32), 16, 1) * t["weight_scale_2"]
     for name, shape in [("model.embed_tokens.weight", (32, 64)), ("lm_head.weight", (32, 64)),
                         ("model.norm.weight", (64,)), ("model.layers.0.input_layernorm.weight", (64,)),
                         ("model.layers.0.post_attention_layernorm.weight", (64,))]:
-        w.add(name, rng.standard_normal(shape).astype(ml_dtypes.bfloat16))
-    w.finish_unit("all")
-    out = w.finalize(cfg.to_dict(), None, [], None, quantization_config=compressed_tensors_config(["lm_head"]))
+        tensors.append((name, rng.standard_normal(shape).astype(ml_dtypes.bfloat16)))
+    w = write_tensors(tmp_path / "out", [("all", tensors)], fmt="compressed-tensors")
+    out = w.finalize({**cfg.to_dict(), "quantization_config": compressed_tensors_config(["lm_head"])}, None)
 
     model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -464,3 +468,21 @@ def test_transformers_loads_compressed_tensors_output(tmp_path):
     for m in shapes:
         got = model.model.layers[0].get_submodule(m).weight.detach().float().numpy()
         np.testing.assert_array_equal(got, ref[m].astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=m)
+
+
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_format_names_round_trip_and_match_what_it_stores(fmt):
+    """Logical -> stored -> logical gives the name back, and stored_spec names/shapes what encode writes."""
+    f = get_format(fmt)
+    t = nvfp4_module(np.random.default_rng(1), 16, 32)
+    for param, a in t.items():
+        name = f"model.layers.0.mlp.down_proj.{param}"
+        a = np.asarray(a)
+        ((stored, b),) = f.encode(name, a)
+        b = np.asarray(b)
+        assert f.stored_spec(name, st_dtype(a.dtype), a.shape) == (stored, st_dtype(b.dtype), b.shape)
+        assert f.logical_name(stored) == name
+        if param in ("weight_scale_2", "input_scale"):  # read back as the multiplying f32 scale
+            want = t[param] if fmt == "modelopt" else np.float32(1.0) / b.reshape(-1)[0]
+            assert f.tensor_scale(b) == want and f.tensor_scale(b).dtype == np.float32
+    assert f.logical_name("model.norm.weight") == "model.norm.weight"
