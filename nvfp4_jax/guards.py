@@ -20,7 +20,8 @@ from typing import Iterable
 from nvfp4_jax.errors import NVFP4Error
 
 REPORT_NAME = "nvfp4_report.json"  # written last into every finished output
-PLAN_NAME = "plan.json"  # written first into every OUT.partial
+PLAN_NAME = "plan.json"  # the layout of every OUT.partial, written once it is laid out
+PARTIAL_MARKER = ".nvfp4-jax-partial"  # written first into every OUT.partial
 PRODUCER_PREFIX = "nvfp4_jax"
 _SPACE_MARGIN = 1.02  # headers, index and copied small files on top of the tensor bytes
 
@@ -71,7 +72,9 @@ def written_by_this_tool(path) -> bool:
 
 
 def partial_written_by_this_tool(path) -> bool:
-    """An ``OUT.partial`` of this tool: it holds our plan file."""
+    """An ``OUT.partial`` of this tool: it holds our marker (written first) or our plan file."""
+    if (Path(path) / PARTIAL_MARKER).is_file():
+        return True
     try:
         plan = json.loads((Path(path) / PLAN_NAME).read_text())
     except (OSError, ValueError):
@@ -101,7 +104,7 @@ def check_partial_removable(partial) -> None:
     if not partial.exists() and not partial.is_symlink():
         return
     if partial.is_symlink() or not partial.is_dir() or not partial_written_by_this_tool(partial):
-        raise OutputPathError(f"{partial} exists and was not made by nvfp4-jax (no {PLAN_NAME} of ours); it is "
+        raise OutputPathError(f"{partial} exists and was not made by nvfp4-jax (no {PARTIAL_MARKER} or {PLAN_NAME}); it is "
                               "where the output is staged, so move it away or choose another output path")
 
 

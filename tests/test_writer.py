@@ -121,7 +121,8 @@ def write_all(out, extra_files=(), *, stop_after=None, **options):
         done += 1
     exclude = ["lm_head", "model.embed_tokens"]
     qc, hf = get_format(fmt).configs(exclude, "0.47.0")
-    return w.finalize({**source_config(), "quantization_config": qc}, hf, extra_files, {"note": "test"})
+    report = {"note": "test", "producer": {"name": "modelopt", "version": "nvfp4_jax-test"}}
+    return w.finalize({**source_config(), "quantization_config": qc}, hf, extra_files, report)
 
 
 def dir_bytes(path: Path) -> dict[str, bytes]:
@@ -141,8 +142,19 @@ def test_round_trip_dtypes_shapes_and_index(tmp_path):
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert set(files) - set(shards) == {"config.json", "hf_quant_config.json", "model.safetensors.index.json",
-                                         "nvfp4_report.json", "tokenizer_config.json"}
+                                         "nvfp4_report.json", "tokenizer_config.json", "nvfp4_checksums.json"}
     expected = all_expected()
+    # the checksum manifest: CRC-32 of each tensor's bytes in its shard, recomputed here from the file
+    import zlib
+
+    from nvfp4_jax.checkpoint.safetensors_io import read_header
+
+    sums = json.loads((out / "nvfp4_checksums.json").read_text())
+    assert sums["algorithm"] == "crc32" and sorted(sums["files"]) == shards
+    for shard in shards:
+        raw = (out / shard).read_bytes()
+        entries, _ = read_header(out / shard)
+        assert sums["files"][shard] == {n: f"{zlib.crc32(raw[e.start:e.end]):08x}" for n, e in entries.items()}
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(expected)  # every tensor exactly once
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in expected.values())
@@ -198,13 +210,23 @@ def test_modelopt_configs_match_golden():
 
 
 def test_existing_output_refused_unless_overwrite(tmp_path):
+    from nvfp4_jax.guards import OutputPathError
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputPathError, match="already exists"):
         open_planned_writer(out, planned_units())
-    write_all(out, overwrite=True)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").exists()
+    # --overwrite replaces only a directory this tool wrote: a foreign one is refused and kept
+    with pytest.raises(OutputPathError, match="not written by nvfp4-jax"):
+        write_all(out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    (out / "old.txt").unlink()
+    out.rmdir()
+    write_all(out)
+    first = dir_bytes(out)
+    write_all(out, overwrite=True)  # our own output: replaced
+    assert dir_bytes(out) == first
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -222,7 +244,7 @@ def test_duplicate_tensor_and_wrong_quant_config_errors(tmp_path):
 def test_leftover_partial_needs_resume_or_overwrite(tmp_path):
     ref = dir_bytes(write_all(tmp_path / "ref"))
     write_all(tmp_path / "out", stop_after=3)
-    with pytest.raises(CheckpointError, match="resume=True"):
+    with pytest.raises(CheckpointError, match="--resume to continue"):
         write_all(tmp_path / "out")
     assert dir_bytes(write_all(tmp_path / "out", overwrite=True)) == ref  # starts over
 
@@ -301,11 +323,11 @@ def test_planned_writer_writes_each_tensor_once_in_place(tmp_path):
     w = open_planned_writer(tmp_path / "out", planned_units(), WriterOptions(shard_size=20_000))
     part = tmp_path / "out.partial"
     sizes = {f: part.joinpath(f).stat().st_size for f in w.files}
-    assert sorted(p.name for p in part.iterdir()) == sorted([*w.files, "plan.json"])
+    assert sorted(p.name for p in part.iterdir()) == sorted([*w.files, "plan.json", ".nvfp4-jax-partial"])
     for name, a in head_tensors():
         w.add(name, a)
     w.finish_unit("head")
-    assert sorted(p.name for p in part.iterdir()) == sorted([*w.files, "plan.json", "manifest.json"])
+    assert sorted(p.name for p in part.iterdir()) == sorted([*w.files, "plan.json", "manifest.json", ".nvfp4-jax-partial"])
     assert {f: part.joinpath(f).stat().st_size for f in w.files} == sizes
     assert '"head"' in (part / "manifest.json").read_text()
     w.close()
@@ -331,7 +353,7 @@ def test_planned_resume_checks_the_finished_units_bytes(tmp_path):
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(CheckpointError, match="layer.1 .* do not match their checksum"):
+    with pytest.raises(CheckpointError, match=r"\(layer.1\) in .* do not match their checksum"):
         write_all(tmp_path / "out", resume=True)
     assert not (tmp_path / "out").exists()
     with open(shard, "r+b") as f:  # repaired: the resume goes through

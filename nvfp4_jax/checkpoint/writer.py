@@ -47,12 +47,14 @@ import numpy as np
 
 from .formats import get_format
 from .safetensors_io import CheckpointError, encode_header, fsync_dir, read_header, st_dtype
+from .. import guards
 from ..errors import UsageError
 
 MANIFEST = "manifest.json"
 PLAN_NAME = "plan.json"  # the layout and settings every process agreed on
 MANIFEST_VERSION = 1
 REPORT_NAME = "nvfp4_report.json"
+CHECKSUMS_NAME = "nvfp4_checksums.json"  # CRC-32 of every tensor as written, per shard; verify checks it
 INDEX_NAME = "model.safetensors.index.json"
 _CHUNK = 64 << 20
 
@@ -158,13 +160,13 @@ class PlannedWriter:
             MANIFEST if self.num_processes == 1 else f"manifest-p{self.process_id}-of-{self.num_processes}.json")
         self.units: dict[str, dict] = {}
         self.written: dict[str, list[str]] = {}  # unit -> tensors this process wrote
-        self.crc32: dict[str, int] = {}  # unit -> CRC-32 of those tensors' bytes, in written order
+        self.tensor_crc32: dict[str, int] = {}  # stored name -> CRC-32 of its bytes as written
         self._pending: list[str] = []
-        self._pending_crc = 0
         self._added: set[str] = set()
         self._fds: dict[int, int] = {}
         self._dirty: set[int] = set()
         self._finalized = False
+        self.resumed = False  # prepare() continued an interrupted run
 
     def _lay_out(self, specs) -> None:
         """File names, headers, sizes and every tensor's place (``self.where``)."""
@@ -193,19 +195,22 @@ class PlannedWriter:
 
     def prepare(self) -> None:
         """Process 0, before any other process opens the files: lay out ``OUT.partial``."""
-        if self.out_dir.exists() and not self.options.overwrite:
-            raise CheckpointError(f"output directory {self.out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+        guards.check_replaceable(self.out_dir, self.options.overwrite)
         plan_path = self.partial / PLAN_NAME
         if self.options.resume and plan_path.exists():
             self._check_resumable(_read_json(plan_path, "plan"))
+            self.resumed = True
             return
-        if self.partial.exists():
-            if not (self.options.overwrite or self.options.resume):
+        if self.partial.exists() or self.partial.is_symlink():
+            if not self.options.overwrite:
                 raise CheckpointError(
-                    f"{self.partial} exists (an interrupted run?); pass resume=True (--resume) to continue it "
-                    "or overwrite=True (--overwrite) to start over")
+                    f"{self.partial} exists but holds no resumable run{' (no ' + PLAN_NAME + ')' if self.options.resume else ''}; "
+                    "pass --resume to continue an interrupted run, or --overwrite to start over")
+            guards.check_partial_removable(self.partial)
             shutil.rmtree(self.partial)
+        guards.check_free_space(self.partial, sum(self.sizes))
         self.partial.mkdir(parents=True)
+        (self.partial / guards.PARTIAL_MARKER).write_text("an unfinished nvfp4-jax output; see plan.json\n")
         for fname, head, size in zip(self.files, self.headers, self.sizes):
             with open(self.partial / fname, "wb") as f:
                 f.write(head)
@@ -249,41 +254,21 @@ class PlannedWriter:
                 raise CheckpointError(f"resume manifest {self.manifest_path} belongs to another plan; "
                                       f"delete {self.partial} and start over")
             self.units, self.written = m["units"], m["tensors"]
-            self.crc32 = {u: int(c) for u, c in m.get("crc32", {}).items()}
+            self.tensor_crc32 = {n: int(c) for n, c in m.get("tensor_crc32", {}).items()}
             self._added = {n for ts in self.written.values() for n in ts}
             if self.options.verify_checksums:
                 for unit in self.written:
                     self._verify_unit(unit)
 
-    def _byte_ranges(self, names) -> list[list[int]]:
-        """[file, start, end] of the tensors ``names``, runs of adjacent tensors merged."""
-        ranges: list[list[int]] = []
-        for n in names:
-            i, offset, _, _, nbytes = self.where[n]
-            if ranges and ranges[-1][0] == i and ranges[-1][2] == offset:
-                ranges[-1][2] += nbytes
-            else:
-                ranges.append([i, offset, offset + nbytes])
-        return ranges
-
     def _verify_unit(self, unit: str) -> None:
         """On resume: re-read the tensors this process wrote for ``unit`` and check their CRC-32."""
-        crc = 0
-        for i, start, end in self._byte_ranges(self.written[unit]):
+        for name in self.written[unit]:
+            i, offset, _, _, nbytes = self.where[name]
             path = self.partial / self.files[i]
-            with open(path, "rb") as f:
-                f.seek(start)
-                while start < end:
-                    chunk = f.read(min(_CHUNK, end - start))
-                    if not chunk:
-                        raise CheckpointError(f"cannot resume: {path} is shorter than planned; "
-                                              f"delete {self.partial} and start over")
-                    crc = zlib.crc32(chunk, crc)
-                    start += len(chunk)
-        if crc != self.crc32.get(unit):
-            raise CheckpointError(
-                f"cannot resume: the bytes of {unit} in {self.partial} do not match their checksum in "
-                f"{self.manifest_path}; delete {self.partial} and start over")
+            if _file_crc32(path, offset, nbytes) != self.tensor_crc32.get(name):
+                raise CheckpointError(
+                    f"cannot resume: the bytes of {name} ({unit}) in {path} do not match their checksum in "
+                    f"{self.manifest_path}; delete {self.partial} and start over")
 
     def is_done(self, unit: str) -> bool:
         return unit in self.units
@@ -293,8 +278,9 @@ class PlannedWriter:
         return dict(self.units)
 
     def manifest(self) -> dict:
+        mine = {n for names in self.written.values() for n in names}
         return {"process_id": self.process_id, "digest": self.digest, "units": self.units, "tensors": self.written,
-                "crc32": self.crc32}
+                "tensor_crc32": {n: c for n, c in self.tensor_crc32.items() if n in mine}}
 
     def add(self, name: str, array) -> None:
         """Write one of this process's tensors (numpy or jax array, logical name) at its planned place."""
@@ -318,7 +304,7 @@ class PlannedWriter:
         done = 0
         while done < nbytes:  # pwrite may write less than asked (e.g. above 2 GB)
             done += os.pwrite(fd, buf[done:], offset + done)
-        self._pending_crc = zlib.crc32(buf, self._pending_crc)
+        self.tensor_crc32[name] = zlib.crc32(buf)
         self._dirty.add(i)
         self._pending.append(name)
         self._added.add(name)
@@ -333,9 +319,7 @@ class PlannedWriter:
         self._dirty.clear()
         self.units[unit] = _json_value(info or {})  # must be JSON
         self.written[unit] = list(self._pending)
-        self.crc32[unit] = self._pending_crc
         self._pending = []
-        self._pending_crc = 0
         _atomic_write_text(self.manifest_path, json.dumps({"version": MANIFEST_VERSION, **self.manifest()}))
         fsync_dir(self.partial)
 
@@ -366,6 +350,7 @@ class PlannedWriter:
         self.format.check_config(config.get("quantization_config"))
         self._check_coverage(manifests)
         self._write_side_files(config, quant_config, extra_files)
+        self._write_checksums(manifests)
         if report is not None:
             report = dict(report)
             report.setdefault("units", self.units if units is None else units)
@@ -403,11 +388,20 @@ class PlannedWriter:
         _atomic_write_text(self.partial / "config.json", _dump_json(config))
         if quant_config is not None:
             _atomic_write_text(self.partial / "hf_quant_config.json", _dump_json(quant_config))
-        reserved = {INDEX_NAME, "config.json", "hf_quant_config.json", MANIFEST, PLAN_NAME, *self.files}
+        reserved = {INDEX_NAME, "config.json", "hf_quant_config.json", MANIFEST, PLAN_NAME, guards.PARTIAL_MARKER,
+                    CHECKSUMS_NAME, *self.files}
         for f in map(Path, extra_files):
             if f.name in reserved:
                 raise CheckpointError(f"extra file {f} would overwrite a file the writer produces")
             shutil.copy2(f, self.partial / f.name)
+
+    def _write_checksums(self, manifests) -> None:
+        """``nvfp4_checksums.json``: every tensor's CRC-32 as written, per shard, for verify."""
+        crc = {n: int(c) for m in manifests for n, c in m.get("tensor_crc32", {}).items()}
+        per_file: dict[str, dict[str, str]] = {f: {} for f in self.files}
+        for name, (i, *_rest) in sorted(self.where.items()):
+            per_file[self.files[i]][name] = f"{crc[name]:08x}"
+        _atomic_write_text(self.partial / CHECKSUMS_NAME, _dump_json({"algorithm": "crc32", "files": per_file}))
 
     def _check_index(self) -> None:
         """The last check: the index and the shard headers agree, every tensor exactly once."""
@@ -423,12 +417,14 @@ class PlannedWriter:
 
     def _publish(self) -> None:
         """Remove the resume files, then rename ``OUT.partial`` to ``OUT`` atomically."""
-        for p in [self.partial / PLAN_NAME, self.manifest_path, *self.partial.glob("manifest-p*-of-*.json")]:
+        for p in [self.partial / PLAN_NAME, self.partial / guards.PARTIAL_MARKER, self.manifest_path,
+                  *self.partial.glob("manifest-p*-of-*.json")]:
             p.unlink(missing_ok=True)
         fsync_dir(self.partial)
-        if self.out_dir.exists():
+        if self.out_dir.exists() or self.out_dir.is_symlink():
             if not self.options.overwrite:
                 raise CheckpointError(f"output directory {self.out_dir} appeared while writing; refusing to replace it")
+            guards.check_replaceable(self.out_dir, overwrite=True)  # it may have changed since prepare()
             old = self.out_dir.with_name(self.out_dir.name + f".old-{os.getpid()}")
             os.replace(self.out_dir, old)
             os.replace(self.partial, self.out_dir)
@@ -447,6 +443,20 @@ class PlannedWriter:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def _file_crc32(path: Path, offset: int, nbytes: int) -> int:
+    """CRC-32 of ``nbytes`` bytes of ``path`` from ``offset``."""
+    crc, end = 0, offset + nbytes
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while offset < end:
+            chunk = f.read(min(_CHUNK, end - offset))
+            if not chunk:
+                raise CheckpointError(f"{path} is shorter than planned (ends before byte {end})")
+            crc = zlib.crc32(chunk, crc)
+            offset += len(chunk)
+    return crc
 
 
 def open_planned_writer(out_dir, units, options: WriterOptions = WriterOptions()) -> PlannedWriter:
