@@ -49,7 +49,8 @@ def cmd_convert(args) -> int:
         calib_tokens=_load_calibration(args, src), num_samples=args.num_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, preset=args.preset, moe_policy=args.moe_policy,
         input_scale_constant=args.input_scale_constant, fmt=args.format, shard_size=args.shard_size,
-        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+        inputs=tuple(Path(p) for p in (args.calib, args.calib_tokens) if p))
     if args.coordinator or args.num_processes > 1:
         from nvfp4_jax.distributed import Processes, convert_distributed
 
@@ -216,12 +217,17 @@ def main(argv=None) -> int:
     """Run one subcommand. An :class:`NVFP4Error` (a reported problem with the input or the run)
     or an ``OSError`` (a file problem) becomes one ``error:`` line and exit code 2; anything else
     is a bug and keeps its traceback (as do these two with NVFP4_DEBUG set)."""
+    from nvfp4_jax.interrupts import Interrupted, signals_raise
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+        with signals_raise():
+            return args.func(args)
+    except Interrupted as e:
+        sys.stderr.flush()
+        print(f"\n{e}: the finished layers are kept in the output's .partial directory; rerun the same "
+              "command with --resume to continue", file=sys.stderr)
+        return e.exit_code
     except (NVFP4Error, OSError) as e:
         if "NVFP4_DEBUG" in os.environ:
             raise

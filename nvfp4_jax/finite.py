@@ -38,7 +38,7 @@ def check_finite(tensors: Mapping[str, jax.Array], where: str = "") -> None:
             idx = _first_non_finite(t)
             value = float(np.asarray(t[idx], np.float32)) if t.ndim else float(np.asarray(t, np.float32))
             raise NonFiniteError(f"tensor {name}{' of ' + where if where else ''} holds {value} at index "
-                                 f"{list(idx)}: the source checkpoint is corrupt; nothing was written for it")
+                                 f"{list(idx)}: the source checkpoint is corrupt; the conversion stops before writing it")
 
 
 __all__ = ["NonFiniteError", "check_finite"]

@@ -74,6 +74,8 @@ def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[s
     group in ``groups`` (only those present are used) share one amax. With a multi-device ``mesh``
     the stacked chunks are split over its devices."""
     modules = sorted(weights)
+    if not modules:
+        return QuantizedLayer({}, [])
     batches = _chunks(weights, modules, chunk)
     order = [m for b in batches for m in b]
     pos = {m: i for i, m in enumerate(order)}

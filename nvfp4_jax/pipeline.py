@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import resource
 import sys
@@ -24,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import __version__, numerics, sharding
+from nvfp4_jax import __version__, calib_data, fingerprint, guards, numerics, sharding
+from nvfp4_jax.finite import check_finite
+from nvfp4_jax.layer_quant import input_scales, quantize_layer
+from nvfp4_jax.progress import Progress
 from nvfp4_jax.calibration import (
     CalibrationError, CalibStats, MOE_POLICIES, constant_input_amax, coverage_report,
     expert_input_amax, unify_groups,
@@ -32,11 +34,10 @@ from nvfp4_jax.calibration import (
 from nvfp4_jax.checkpoint.reader import CheckpointReader
 from nvfp4_jax.checkpoint.writer import PlannedWriter, WriterOptions
 from nvfp4_jax.coordinator import Coordinator, LocalCoordinator
-from nvfp4_jax.plan import ConversionPlan, UnitPlan, build_plan
 from nvfp4_jax.errors import NVFP4Error, UsageError
+from nvfp4_jax.plan import ConversionPlan, UnitPlan, build_plan
 
 PRODUCER_VERSION = f"nvfp4_jax-{__version__}"
-_EXPERT_CHUNK = 64  # experts quantized per jitted call (bounds the stacked copy)
 _PHASES = ("read", "calibrate", "quantize", "write")
 
 
@@ -57,28 +58,7 @@ class ConvertOptions:
     overwrite: bool = False
     compute_dtype: str = "bfloat16"
     progress: bool = True
-
-
-class _Progress:
-    """One line on stderr with a bar and an ETA over layers."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start, self.done = total, enabled, time.perf_counter(), 0
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        el = time.perf_counter() - self.start
-        eta = el / self.done * (self.total - self.done)
-        width = 28
-        fill = int(width * self.done / max(self.total, 1))
-        sys.stderr.write(
-            f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {label:<14} "
-            f"elapsed {el:6.1f}s  eta {eta:6.1f}s")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+    inputs: tuple = ()  # other files the run reads (the calibration file): OUT may not overlap them
 
 
 def _peak_rss_mb() -> float:
@@ -138,6 +118,7 @@ class _Run:
     writer: Optional[PlannedWriter] = None
     timer: _Timer = dataclasses.field(default_factory=_Timer)
     owned: frozenset = frozenset()  # source tensors this process quantizes and writes
+    resumed_units: set = dataclasses.field(default_factory=set)  # finished by the interrupted run
     family: object = None  # the model family; None for a calibration-free run
     mesh: object = None  # all local devices: calibration samples and stacked experts split over them
 
@@ -158,6 +139,7 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
     """
     opt = options or ConvertOptions()
     _check_options(opt)
+    guards.check_output_path(out, [src, *opt.inputs])
     coordinator = coordinator or LocalCoordinator()
     with contextlib.ExitStack() as cleanup:
         reader = CheckpointReader(src)  # validates every file before anything is written
@@ -165,8 +147,9 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         samples = _calibration_samples(opt, reader.config)
         run = _Run(src, out, opt, reader, build_plan(reader, opt), coordinator, samples)
         run.family = _family(reader.config) if samples else None
+        settings = fingerprint.run_fingerprint(reader, samples, run.plan.settings)
         run.writer = cleanup.enter_context(coordinator.open_writer(
-            out, run.plan, _writer_options(opt, run.plan), _fingerprint(opt, samples)))
+            out, run.plan, _writer_options(opt, run.plan, settings), fingerprint.digest(settings)))
         log(_start_line(run))
         run.owned = coordinator.owned(run.plan)
         run.mesh = sharding.device_mesh() if len(jax.local_devices()) > 1 else None
@@ -175,6 +158,8 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
 
 
 def _check_options(opt: ConvertOptions) -> None:
+    calib_data.check_one_source(calib_tokens=opt.calib_tokens, input_scale_constant=opt.input_scale_constant)
+    calib_data.check_sizes(opt.num_samples, opt.seq_len, opt.batch_size)
     if opt.moe_policy not in MOE_POLICIES:
         raise UsageError(f"unknown --moe-policy {opt.moe_policy!r}; choose one of {MOE_POLICIES}")
     if opt.input_scale_constant is None and not opt.calib_tokens:
@@ -190,17 +175,13 @@ def _calibration_samples(opt: ConvertOptions, config: dict) -> list[list[int]]:
     """The calibration token lists after --num-samples/--seq-len (empty for a calibration-free run)."""
     if opt.input_scale_constant is not None:
         return []
-    samples = [list(s) for s in opt.calib_tokens]
+    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 0))
+    calib_data.check_token_ids(opt.calib_tokens, vocab or None, where="calibration tokens")
+    samples = [[int(t) for t in s] for s in opt.calib_tokens]
     if opt.num_samples:
         samples = samples[:opt.num_samples]
     if opt.seq_len:
         samples = [s[:opt.seq_len] for s in samples]
-    samples = [s for s in samples if s]
-    if not samples:
-        raise ValueError("calibration data is empty after --num-samples/--seq-len")
-    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 0))
-    if vocab and max(max(s) for s in samples) >= vocab:
-        raise ValueError(f"calibration token id {max(max(s) for s in samples)} >= vocab_size {vocab}")
     return samples
 
 
@@ -210,16 +191,10 @@ def _family(config: dict):
     return get_family(config)
 
 
-def _writer_options(opt: ConvertOptions, plan: ConversionPlan) -> WriterOptions:
+def _writer_options(opt: ConvertOptions, plan: ConversionPlan, settings) -> WriterOptions:
+    """settings: the run fingerprint (source, calibration tokens, output-changing options)."""
     return WriterOptions(shard_size=opt.shard_size, fmt=plan.fmt.name, resume=opt.resume, overwrite=opt.overwrite,
-                         settings=plan.settings)
-
-
-def _fingerprint(opt: ConvertOptions, samples) -> str:
-    """A digest of the calibration data and the options, which every process must share."""
-    run = {k: v for k, v in dataclasses.asdict(opt).items() if k not in ("calib_tokens", "progress")}
-    return hashlib.sha256(json.dumps({"samples": samples, "options": run}, sort_keys=True, default=str)
-                          .encode()).hexdigest()
+                         settings=settings)
 
 
 def _start_line(run: _Run) -> str:
@@ -236,6 +211,7 @@ def _embed(run: _Run) -> list:
         return []
     with run.timer("read"):
         embed_params = run.reader.get_many(run.family.embed_param_names(run.reader.names()), run.dtype)
+        check_finite(embed_params)
     with run.timer("calibrate"):
         batches = run.coordinator.batches(_batches(run.samples, run.opt.batch_size))
         hidden = [run.family.embed(embed_params, jnp.asarray(b)) for b in batches]
@@ -247,31 +223,53 @@ def _embed(run: _Run) -> list:
 def _convert_units(run: _Run, hidden: list) -> CalibStats:
     """Calibrate, quantize and write every layer, then the non-layer tensors; the run's statistics."""
     stats = CalibStats()
-    progress = _Progress(len(run.plan.layer_ids) + 1, run.opt.progress)
-    for unit in run.plan.units:
-        if unit.layer is None:  # embeddings, final norm, lm_head: never quantized
-            if not run.writer.is_done(unit.name):
-                _write_unquantized(run, unit)
-            progress.step("non-layer")
-            continue
-        calibrate = run.family is not None and unit.layer < run.plan.num_layers  # MTP layers: not calibrated
-        done = run.writer.is_done(unit.name)
-        if done and not calibrate:
-            progress.step(f"{unit.name} (done)")
-            continue
-        params = _read_layer(run, unit)
-        layer_stats = CalibStats()
-        if calibrate:
-            with run.timer("calibrate"):
-                hidden, layer_stats = _calibrate_layer(run.family, unit.layer, params, hidden,
-                                                       dtype=run.dtype, mesh=run.mesh)
-                layer_stats = run.coordinator.allreduce_stats(unit.name, layer_stats)
-            stats = stats.merge(layer_stats)
-        if not done:  # a resumed unit only advanced the calibration activations
-            run.writer.finish_unit(unit.name, _quantize_and_write(run, unit, params, layer_stats))
-        del params
-        progress.step(f"{unit.name} (done)" if done else unit.name)
+    with Progress(len(run.plan.units), run.opt.progress) as progress:
+        for unit in run.plan.units:
+            stats = _convert_unit(run, unit, hidden, stats)
+            progress.step(f"{unit.name} (done)" if run.writer.is_done(unit.name) and unit.name in run.resumed_units
+                          else unit.name)
     return stats
+
+
+def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) -> CalibStats:
+    """One unit: a layer (read, calibrate, quantize, write) or the non-layer tensors. ``hidden`` is
+    advanced in place for the next layer; the run's statistics with this layer's merged in."""
+    done = run.writer.is_done(unit.name)
+    source_crc = _check_same_source(run, unit, done)
+    if done:
+        run.resumed_units.add(unit.name)
+    if unit.layer is None:  # embeddings, final norm, lm_head: never quantized
+        if not done:
+            _write_unquantized(run, unit, source_crc)
+        return stats
+    calibrate = run.family is not None and unit.layer < run.plan.num_layers  # MTP layers: not calibrated
+    if done and not calibrate:
+        return stats
+    params = _read_layer(run, unit)
+    layer_stats = CalibStats()
+    if calibrate:
+        with run.timer("calibrate"):
+            hidden[:], layer_stats = _calibrate_layer(run.family, unit.layer, params, hidden,
+                                                      dtype=run.dtype, mesh=run.mesh)
+            layer_stats = run.coordinator.allreduce_stats(unit.name, layer_stats)
+        stats = stats.merge(layer_stats)
+    if not done:  # a resumed unit only advanced the calibration activations
+        info = _quantize_and_write(run, unit, params, layer_stats)
+        run.writer.finish_unit(unit.name, {**info, "source_sample_crc32": source_crc})
+    return stats
+
+
+def _check_same_source(run: _Run, unit: UnitPlan, done: bool) -> str:
+    """The sampled CRC of the unit's source tensors; for a unit finished by the interrupted run, it
+    must be the value that run recorded (the source may not change under a resume)."""
+    crc = fingerprint.source_sample_crc(run.reader, unit.source_names())
+    if done:
+        recorded = run.writer.unit_info().get(unit.name, {}).get("source_sample_crc32")
+        if recorded != crc:
+            raise ConversionError(
+                f"cannot resume: the source tensors of {unit.name} in {run.src} are not those the interrupted "
+                f"run converted (sampled CRC-32 {recorded} then, {crc} now); start over with --overwrite")
+    return crc
 
 
 def _read_layer(run: _Run, unit: UnitPlan) -> dict:
@@ -280,9 +278,12 @@ def _read_layer(run: _Run, unit: UnitPlan) -> dict:
     names = unit.source_names()
     with run.timer("read"):
         if run.family is not None:
-            return run.family.read_layer(run.reader, unit.layer, dtype=run.dtype, names=names)
-        return run.reader.get_many([n for n in names if n in run.owned and _module(n) in run.plan.quantized],
-                                   run.dtype)
+            params = run.family.read_layer(run.reader, unit.layer, dtype=run.dtype, names=names)
+        else:
+            params = run.reader.get_many([n for n in names if n in run.owned and _module(n) in run.plan.quantized],
+                                         run.dtype)
+        check_finite(params, f"layer {unit.layer}")
+    return params
 
 
 def _module(name: str) -> Optional[str]:
@@ -310,19 +311,23 @@ def _calibrate_layer(family, layer: int, params: dict, hidden: list, *, dtype, m
 
 def _unquantized(reader: CheckpointReader, name: str):
     """A tensor that stays unquantized: plain tensors keep their source bytes and dtype; FP8/INT4
-    sources are written back as bf16 (SPEC section 6)."""
+    sources are written back as bf16 (SPEC section 6). Never NaN or Inf (checked here: nothing
+    downstream would notice in a tensor that is not quantized)."""
     info = reader.info(name)
     if info.encoding == "plain":
-        return np.asarray(reader.read_raw(info.parts["weight"]))
-    return np.asarray(reader.get(name, jnp.bfloat16))
+        a = np.asarray(reader.read_raw(info.parts["weight"]))
+    else:
+        a = np.asarray(reader.get(name, jnp.bfloat16))
+    check_finite({name: a})
+    return a
 
 
-def _write_unquantized(run: _Run, unit: UnitPlan) -> None:
+def _write_unquantized(run: _Run, unit: UnitPlan, source_crc: str) -> None:
     mine = [n for n in unit.source_names() if n in run.owned]
     with run.timer("write"):
         for n in mine:
             run.writer.add(n, _unquantized(run.reader, n))
-    run.writer.finish_unit(unit.name, {"tensors": len(mine)})
+    run.writer.finish_unit(unit.name, {"tensors": len(mine), "source_sample_crc32": source_crc})
 
 
 def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: CalibStats) -> dict:
@@ -335,11 +340,10 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
         # fused groups are owned whole (ConversionPlan.owners), so the unification above is complete
         mods = [m for m in mods if f"{m}.weight" in run.owned]
         groups = [g for g in groups if g[0] in mods]
-        # weight amax: lazily from the weight (SPEC section 5), unified over fused groups
-        w_amax = {m: float(numerics.tensor_amax(params[f"{m}.weight"])) for m in mods}
-        zero_amax = sorted(m for m, a in w_amax.items() if a == 0.0)
-        results = _quantize_weights(params, unify_groups(w_amax, groups), run.mesh)
-        in_scale = {m: np.asarray(numerics.scale_from_amax(in_amax[m]), np.float32) for m in mods}
+        # weight amax: lazily from the weight (SPEC section 5), unified over fused groups, on device
+        quantized = quantize_layer({m: params[f"{m}.weight"] for m in mods}, groups, mesh=run.mesh)
+        results, zero_amax = quantized.tensors, quantized.zero_weight_amax
+        in_scale = input_scales({m: in_amax[m] for m in mods})
     with run.timer("write"):
         mine = [n for n in unit.source_names() if n in run.owned]
         for n in mine:
@@ -367,30 +371,6 @@ def _input_amax(run: _Run, layer: int, mods: list, layer_stats: CalibStats) -> d
     if missing:
         raise ConversionError(f"layer {layer}: calibration recorded no input amax for {missing[:5]}")
     return {m: in_amax[m] for m in mods}
-
-
-def _quantize_weights(params: dict, w_amax: dict[str, float], mesh) -> dict[str, numerics.NVFP4Tensor]:
-    """NVFP4 of every weight in ``w_amax``: same-shaped weights together, one jitted call per shape
-    and chunk (the stacked axis split over the local devices of ``mesh`` when given)."""
-    by_shape: dict[tuple, list[str]] = {}
-    for m in w_amax:
-        by_shape.setdefault(tuple(params[f"{m}.weight"].shape), []).append(m)
-    results: dict[str, numerics.NVFP4Tensor] = {}
-    for ms in by_shape.values():
-        for i in range(0, len(ms), _EXPERT_CHUNK):
-            chunk = ms[i:i + _EXPERT_CHUNK]
-            weights = [params[f"{m}.weight"] for m in chunk]
-            amax = jnp.asarray([w_amax[m] for m in chunk], jnp.float32)
-            try:
-                q = (sharding.quantize_sharded(weights, amax, mesh) if mesh is not None
-                     else numerics.quantize(jnp.stack(weights), amax))
-            except (ValueError, TypeError) as e:
-                bad = [m for m, w in zip(chunk, weights) if not bool(jnp.all(jnp.isfinite(w.astype(jnp.float32))))]
-                raise ConversionError(f"cannot quantize {bad[0] if bad else chunk[0]}.weight: {e}") from None
-            q = jax.device_get(q)
-            for j, m in enumerate(chunk):
-                results[m] = numerics.NVFP4Tensor(q.weight[j], q.weight_scale[j], q.weight_scale_2[j])
-    return results
 
 
 def _add_quantized(writer: PlannedWriter, mod: str, r: numerics.NVFP4Tensor, input_scale: np.ndarray) -> None:
@@ -448,7 +428,9 @@ def _report(run: _Run, stats: CalibStats, units: dict) -> dict:
         "experts_without_tokens": {k: v["experts_without_tokens"] for k, v in coverage.items()},
         "time_s": run.timer.rounded(),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "resumed": bool(opt.resume),
+        "resumed": bool(run.writer.resumed),
+        "source_tensors": len(run.reader.names()),
+        "dropped_tensors": {},  # every source tensor is written, quantized or as it was
         **run.coordinator.report_fields(),
     }
 

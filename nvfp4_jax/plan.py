@@ -27,14 +27,6 @@ OUTPUT_SETTINGS = ("preset", "moe_policy", "input_scale_constant", "fmt", "shard
                    "batch_size", "num_samples", "seq_len")
 
 
-def _layer_of(name: str) -> Optional[int]:
-    """The decoder layer index of a tensor name ``model.layers.<i>.<...>``; None for other tensors."""
-    parts = name.split(".")
-    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
-    return None
-
-
 def layer_unit(layer: int) -> str:
     return f"layer.{layer}"
 
@@ -100,8 +92,9 @@ def build_plan(reader, options) -> ConversionPlan:
     not_multiple_16 = sorted(m for m in wanted if reader.info(f"{m}.weight").shape[-1] % numerics.BLOCK)
     quantized = layout.close_groups(wanted - set(not_multiple_16), all_linear)
     exclude = layout.exclude_modules(all_linear, quantized, layout.routers(names), extra=layout.embeddings(names))
-    layer_ids = sorted({i for i in (_layer_of(n) for n in names) if i is not None})
-    non_layer = [n for n in names if _layer_of(n) is None]
+    layer_of = {n: layout.spec.layer_index(n) for n in names}
+    layer_ids = sorted({i for i in layer_of.values() if i is not None})
+    non_layer = [n for n in names if layer_of[n] is None]
     settings = {k: getattr(options, k) for k in OUTPUT_SETTINGS}
     settings["preset"] = preset
     return ConversionPlan(
@@ -109,21 +102,20 @@ def build_plan(reader, options) -> ConversionPlan:
         all_linear=tuple(all_linear), quantized=frozenset(quantized),
         groups=tuple(layout.fused_groups(sorted(quantized))), exclude=tuple(exclude),
         not_multiple_16=tuple(not_multiple_16), dropped_with_group=tuple(sorted(wanted - set(not_multiple_16) - quantized)),
-        layer_ids=tuple(layer_ids), num_layers=int(config.get("num_hidden_layers", len(layer_ids))),
-        non_layer_names=tuple(non_layer), units=tuple(_units(reader, layer_ids, non_layer, quantized, fmt)),
+        layer_ids=tuple(layer_ids), num_layers=int(layout.num_hidden_layers if layout.num_hidden_layers is not None else len(layer_ids)),
+        non_layer_names=tuple(non_layer), units=tuple(_units(reader, layer_of, non_layer, quantized, fmt)),
         settings=MappingProxyType(settings))
 
 
-def _units(reader, layer_ids, non_layer, quantized, fmt: OutputFormat) -> list[UnitPlan]:
+def _units(reader, layer_of: Mapping[str, Optional[int]], non_layer, quantized, fmt: OutputFormat) -> list[UnitPlan]:
     """Every tensor convert() hands to the writer, in add order: units layer by layer, then
     ``non_layer``; names sorted within a unit; a quantized linear's ``.weight`` expands to weight,
     weight_scale, weight_scale_2, input_scale (stored under the format's names)."""
     by_layer: dict[int, list[str]] = {}
-    for n in reader.names():
-        layer = _layer_of(n)
+    for n, layer in layer_of.items():
         if layer is not None:
             by_layer.setdefault(layer, []).append(n)
-    todo = [(layer_unit(i), i, by_layer.get(i, [])) for i in layer_ids] + [(NON_LAYER, None, list(non_layer))]
+    todo = [(layer_unit(i), i, by_layer[i]) for i in sorted(by_layer)] + [(NON_LAYER, None, list(non_layer))]
     units = []
     for unit, layer, unit_names in todo:
         sources = []

@@ -3,8 +3,6 @@ and a resume names every setting that differs."""
 
 import json
 
-import ml_dtypes
-import numpy as np
 import pytest
 
 from nvfp4_jax import fingerprint, guards
@@ -106,19 +104,36 @@ def test_tokens_fingerprint_sees_any_change():
     assert fingerprint.tokens_fingerprint(None) == {"calibration tokens": None}
 
 
-def test_content_digest_is_order_free_and_sees_one_bit():
-    import zlib
+def test_source_sample_crc_sees_replaced_contents(tmp_path):
+    from nvfp4_jax import examples
+    from nvfp4_jax.checkpoint.safetensors_io import read_header
 
-    w = np.arange(64, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(4, 16)
-    s = np.float32(2.5)
-    d1, d2 = fingerprint.ContentDigest(), fingerprint.ContentDigest()
-    d1.add("w", w)
-    d1.add("s", s)
-    d2.add("s", s)
-    d2.add("w", w)
-    assert d1.of(["w", "s"]) == d2.of(["s", "w"])
-    flipped = w.copy().view(np.uint8)
-    flipped[1, 5] ^= 1
-    d2.add("w", flipped.view(ml_dtypes.bfloat16))
-    assert d1.of(["w", "s"]) != d2.of(["w", "s"])
-    assert d1._crc["w"] == zlib.crc32(w.tobytes())  # independent: the raw bytes
+    src = examples.build_llama_tiny(tmp_path / "src", seed=1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    with _Reader(src) as r:
+        before = fingerprint.source_sample_crc(r, [name])
+        assert before == fingerprint.source_sample_crc(r, [name])
+        other = fingerprint.source_sample_crc(r, ["model.layers.0.mlp.down_proj.weight"])
+    assert other != before
+    shard = next(src.glob("*.safetensors"))
+    e = read_header(shard)[0][name]
+    with open(shard, "r+b") as f:  # the tensor's first byte, as another source would differ
+        f.seek(e.start)
+        b = f.read(1)
+        f.seek(e.start)
+        f.write(bytes([b[0] ^ 0x40]))
+    with _Reader(src) as r:
+        assert fingerprint.source_sample_crc(r, [name]) != before
+
+
+class _Reader:
+    def __init__(self, path):
+        from nvfp4_jax.checkpoint.reader import CheckpointReader
+
+        self.r = CheckpointReader(path)
+
+    def __enter__(self):
+        return self.r
+
+    def __exit__(self, *exc):
+        self.r.close()

@@ -292,7 +292,9 @@ def test_nan_in_source_weight_names_the_tensor(tmp_path):
     w[3, 5] = np.nan
     t["model.layers.1.mlp.up_proj.weight"] = w.astype(ml_dtypes.bfloat16)
     save_file(src / "model.safetensors", t)
-    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.up_proj"):
+    from nvfp4_jax.errors import NVFP4Error
+
+    with pytest.raises(NVFP4Error, match=r"model\.layers\.1\.mlp\.up_proj\.weight of layer 1 holds nan at index \[3, 5\]"):
         convert(src, tmp_path / "out", ConvertOptions(input_scale_constant=1.0, progress=False))
     assert not (tmp_path / "out").exists()
 
