@@ -121,7 +121,9 @@ def cmd_example(args) -> int:
 def cmd_bench(args) -> int:
     from nvfp4_jax import bench
 
-    if args.what == "quantize":
+    if args.what == "quantize" and args.weight_scales:
+        bench.bench_weight_scales(args.weight_scales, repeats=args.repeats, shapes=args.shape)
+    elif args.what == "quantize":
         bench.bench_quantize(repeats=args.repeats, torch_ref=not args.no_torch, shapes=args.shape)
     else:
         bench.bench_convert(layers=args.layers, experts=args.experts, workdir=args.workdir)
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--no-torch", action="store_true", help="skip the torch_bridge baseline")
     b.add_argument("--shape", action="append", help="NxK, repeatable (default: Kimi-K2 shapes)")
+    b.add_argument("--weight-scales", choices=["mse", "four-over-six", "local-hessian"], default=None,
+                   help="time this weight-scale mode against max on the same tensors (ExN xK shapes too)")
     b.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     b.add_argument("--experts", type=int, default=8)
     b.add_argument("--workdir", default=None)
