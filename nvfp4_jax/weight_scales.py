@@ -69,7 +69,6 @@ class _Prepared(flax.struct.PyTreeNode):
 
     key: jax.Array  # [*lead, N, KB, 16] |w| bits (uint16 for bf16, uint32 otherwise)
     neg: jax.Array  # [*lead, N, KB, 16] bool
-    absw: jax.Array  # [*lead, N, KB, 16] f32 |w| * unit (exact power of two)
     block_amax: jax.Array  # [*lead, N, KB] f32
     amax: jax.Array  # tensor amax, [] or a prefix of lead
     lead_idx: jax.Array  # [*lead, 1, 1] int32 row of the per-tensor tables (or [] zero)
@@ -90,8 +89,7 @@ def _prepare(w, weight_amax) -> _Prepared:
         lead_idx = jnp.broadcast_to(lead_idx, (*lead, 1, 1))
     else:
         lead_idx = jnp.zeros((), jnp.int32)
-    return _Prepared(key=key, neg=neg, absw=jnp.abs(blocks.astype(_F32)), block_amax=block_amax,
-                     amax=amax, lead_idx=lead_idx, nbits=nbits)
+    return _Prepared(key=key, neg=neg, block_amax=block_amax, amax=amax, lead_idx=lead_idx, nbits=nbits)
 
 
 def _nonzero(amax):
@@ -144,11 +142,12 @@ def _per_tensor(table, lead_idx, code):
 def _residual(p: _Prepared, bounds, recon, unit):
     """``|w| - |deq|`` (in the error unit) of every element for the given bounds and magnitudes
     (each ``[7 | 8, ...]`` broadcastable to the blocks): the E2M1 index is the number of bounds
-    passed, so the select chain picks the magnitude of the last bound passed."""
+    passed, so the select chain picks the magnitude of the last bound passed. |w| is rebuilt from
+    the keys here (a search pass then reads 2 bytes per bf16 element, not a float32 copy)."""
     deq = jnp.broadcast_to(recon[0], recon.shape[1:])
     for j in range(len(_THRESHOLDS)):
         deq = jnp.where(p.key >= bounds[j], recon[j + 1], deq)
-    return p.absw * unit - deq
+    return _key_to_f32(p.key, p.nbits) * unit - deq
 
 
 def _squared_sum(r):
@@ -175,12 +174,10 @@ def _hessian_form(dw, hessian):
 
 def _sweep(p: _Prepared, tables: _Tables, unit, hessian):
     """Running best over the 126 E4M3 codes (ascending; a tie keeps the earlier, smaller one)."""
-    signed = jnp.where(p.neg, _F32(-1.0), _F32(1.0))
-
     def loss_of(code):
         r = _residual(p, _per_tensor(tables.bounds, p.lead_idx, code),
                       _per_tensor(tables.recon, p.lead_idx, code), unit)
-        return _squared_sum(r) if hessian is None else _hessian_form(r * signed, hessian)
+        return _squared_sum(r) if hessian is None else _hessian_form(jnp.where(p.neg, -r, r), hessian)
 
     def step(code, carry):
         best_loss, best_code = carry
