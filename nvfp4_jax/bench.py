@@ -169,3 +169,41 @@ def bench_convert(layers=(1, 2, 4), experts: int = 8, workdir=None) -> list[dict
         shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(rows, indent=1))
     return rows
+
+
+WEIGHT_SCALE_SHAPES = ["2048x7168", "7168x2048", "64x2048x7168"]
+
+
+def bench_weight_scales(mode: str, repeats: int = 3, shapes=None) -> list[dict]:
+    """``bench quantize --weight-scales MODE``: ``weight_scales.quantize_with_mode(w, MODE)`` against
+    ``max`` on the same bf16 tensors (``[E, N, K]`` shapes: one tensor scale per expert), with the
+    squared reconstruction error of each. ``local-hessian`` gets the second moments of random
+    inputs with unequal column scales."""
+    from nvfp4_jax import weight_scales
+
+    print(f"machine: {machine()}  mode {mode}")
+    rng = np.random.default_rng(0)
+    rows = []
+    for spec in shapes or WEIGHT_SCALE_SHAPES:
+        shape = tuple(int(v) for v in spec.lower().split("x"))
+        x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(jnp.bfloat16)
+        amax = numerics.tensor_amax(x, per_leading=True)
+        hessian = None
+        if mode == "local-hessian":
+            k = shape[-1]
+            xs = rng.standard_normal((256, k), dtype=np.float32) * rng.uniform(0.1, 3.0, k).astype(np.float32)
+            xs = xs.reshape(256, k // 16, 16)
+            hessian = jnp.asarray(np.einsum("tki,tkj->kij", xs, xs) / 256)
+        fn_max = jax.jit(lambda w, a: weight_scales.quantize_with_mode(w, "max", a, check=False))
+        fn_mode = jax.jit(lambda w, a, h: weight_scales.quantize_with_mode(w, mode, a, h, check=False))
+        t_max = _time(lambda: fn_max(x, amax), repeats)
+        t_mode = _time(lambda: fn_mode(x, amax, hessian), repeats)
+        e_max = float(weight_scales.squared_error(x, fn_max(x, amax)))
+        e_mode = float(weight_scales.squared_error(x, fn_mode(x, amax, hessian)))
+        row = {"shape": spec, "mode": mode, "max_s": t_max, "mode_s": t_mode, "mode_over_max": t_mode / t_max,
+               "sq_error_max": e_max, "sq_error_mode": e_mode, "error_ratio": e_mode / e_max}
+        rows.append(row)
+        print(f"{spec:>13}  max {t_max * 1e3:9.3f} ms  {mode} {t_mode * 1e3:9.3f} ms = {row['mode_over_max']:6.1f}x max;"
+              f"  squared error {mode}/max {row['error_ratio']:.4f}", flush=True)
+    print(json.dumps(rows, indent=1))
+    return rows

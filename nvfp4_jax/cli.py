@@ -94,7 +94,9 @@ def cmd_example(args) -> int:
 def cmd_bench(args) -> int:
     from nvfp4_jax import bench
 
-    if args.what == "quantize":
+    if args.what == "quantize" and args.weight_scales:
+        bench.bench_weight_scales(args.weight_scales, repeats=args.repeats, shapes=args.shape)
+    elif args.what == "quantize":
         bench.bench_quantize(repeats=args.repeats, torch_ref=not args.no_torch, shapes=args.shape)
     else:
         bench.bench_convert(layers=args.layers, experts=args.experts, workdir=args.workdir)
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="quantize: timed runs per shape (best kept)")
     b.add_argument("--no-torch", action="store_true", help="quantize: skip the torch_bridge baseline")
     b.add_argument("--shape", action="append", help="quantize: NxK, repeatable (default: Kimi-K2 shapes)")
+    b.add_argument("--weight-scales", choices=["mse", "four-over-six", "local-hessian"], default=None,
+                   help="quantize: time this weight-scale mode against max on the same tensors")
     b.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4],
                    help="convert: decoder layers of each checkpoint")
     b.add_argument("--experts", type=int, default=8, help="convert: routed experts per layer")
