@@ -66,7 +66,7 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     from nvfp4_jax.verify import run_verify
 
-    return run_verify(args.ckpt, as_json=args.json)
+    return run_verify(args.ckpt, as_json=args.json, check_values=not args.no_values, source=args.source)
 
 
 def cmd_example(args) -> int:
@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = _subcommand(sub, "verify", "check a checkpoint against what vLLM and SGLang require")
     v.add_argument("ckpt", help="converted checkpoint directory")
     v.add_argument("--json", action="store_true", help="print the findings as JSON")
+    v.add_argument("--source", help="also check the output against this source checkpoint: every tensor present, "
+                                    "unquantized ones equal, quantized ones decoding from it (reads both in full)")
+    v.add_argument("--no-values", action="store_true",
+                   help="headers and tensor scales only: skip the block-scale scan, the NaN/Inf scan and checksums")
     v.set_defaults(func=cmd_verify)
 
     e = _subcommand(sub, "eval", "quality of an NVFP4 checkpoint against its source")

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,10 @@ from nvfp4_jax.checkpoint.layout import (
     natural_key,
 )
 from nvfp4_jax.checkpoint.safetensors_io import ERROR, WARNING, TensorEntry, scan_checkpoint
+from nvfp4_jax.checkpoint.writer import CHECKSUMS_NAME
 from nvfp4_jax.families import find_family_spec
 
-__all__ = ["Finding", "verify", "run_verify", "main"]
+__all__ = ["Finding", "verify", "run_verify"]
 
 INFO = "info"
 
@@ -68,12 +70,16 @@ class _Store:
         self.tensors: dict[str, TensorEntry] = scan.tensors
         self._handles: dict[Path, Any] = {}
 
-    def read(self, ref: TensorEntry) -> bytes:
+    def handle(self, ref: TensorEntry):
+        """The open file of ``ref``, positioned at its first byte."""
         fh = self._handles.get(ref.file)
         if fh is None:
             fh = self._handles[ref.file] = open(ref.file, "rb")
         fh.seek(ref.start)
-        return fh.read(ref.nbytes)
+        return fh
+
+    def read(self, ref: TensorEntry) -> bytes:
+        return self.handle(ref).read(ref.nbytes)
 
     def f32_values(self, ref: TensorEntry) -> np.ndarray:
         return np.frombuffer(self.read(ref), dtype="<f4").reshape(ref.shape)
@@ -490,6 +496,25 @@ class _Verifier:
                     self.add(ERROR, m, f"not quantized in the files and not in {label}")
 
     # -- driver ----------------------------------------------------------------------------
+    def check_bytes(self, store: _Store) -> None:
+        """Every tensor byte: no NaN/Inf in floating tensors, and each tensor's CRC-32 equal to the
+        one recorded at convert time (``nvfp4_checksums.json``, when present)."""
+        sums = self._load_json(CHECKSUMS_NAME) if (self.root / CHECKSUMS_NAME).exists() else None
+        recorded = {n: (f, c) for f, names in ((sums or {}).get("files") or {}).items() for n, c in names.items()}
+        for name in sorted(set(recorded) - set(store.tensors)):
+            self.add(ERROR, name, f"listed in {CHECKSUMS_NAME} ({recorded[name][0]}) but not in the checkpoint")
+        for name, ref in store.tensors.items():
+            crc, bad, first = _scan_bytes(store, ref)
+            if bad:
+                self.add(ERROR, name, f"{bad} NaN/Inf value(s), the first at flat index {first}")
+            if sums is not None:
+                want = recorded.get(name)
+                if want is None:
+                    self.add(ERROR, name, f"not listed in {CHECKSUMS_NAME}: added after the conversion?")
+                elif want[1] != f"{crc:08x}":
+                    self.add(ERROR, name, f"CRC-32 {crc:08x} differs from {want[1]} recorded in {CHECKSUMS_NAME}: "
+                                          "its bytes changed after the conversion")
+
     def run(self) -> list[Finding]:
         if not self.root.is_dir():
             self.add(ERROR, str(self.root), "not a directory")
@@ -514,14 +539,52 @@ class _Verifier:
                 self.add(ERROR, str(self.root), "no quantized linear found")
             self.check_groups(layout, linear, quantized, scalars)
             self.check_exclusions(layout, linear, quantized, lists)
+            if self.check_values:
+                self.check_bytes(store)
         finally:
             store.close()
         return self.findings
 
 
-def verify(path, *, check_values: bool = True) -> list[Finding]:
-    """All findings for the checkpoint directory ``path`` (empty list: clean)."""
-    return _Verifier(path, check_values).run()
+_FLOAT_DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64}
+_SCAN_CHUNK = 64 << 20
+
+
+def _scan_bytes(store: _Store, ref: TensorEntry) -> tuple[int, int, int]:
+    """(CRC-32 of the tensor's bytes, count of NaN/Inf values, flat index of the first one or -1)."""
+    dt = _FLOAT_DTYPES.get(ref.dtype)
+    fh = store.handle(ref)
+    crc, bad, first, done = 0, 0, -1, 0
+    step = _SCAN_CHUNK - _SCAN_CHUNK % (np.dtype(dt).itemsize if dt else 1)
+    while done < ref.nbytes:
+        chunk = fh.read(min(step, ref.nbytes - done))
+        if not chunk:
+            break
+        crc = zlib.crc32(chunk, crc)
+        if dt is not None:
+            vals = np.frombuffer(chunk, dtype=dt).astype(np.float32)
+            nonfinite = ~np.isfinite(vals)
+            n = int(nonfinite.sum())
+            if n and first < 0:
+                first = done // np.dtype(dt).itemsize + int(np.argmax(nonfinite))
+            bad += n
+        done += len(chunk)
+    return crc, bad, first
+
+
+def _with_source(v: _Verifier, source) -> list[Finding]:
+    findings = v.run()
+    if source is not None and v.root.is_dir():
+        from nvfp4_jax.verify_source import verify_against_source
+
+        findings = findings + verify_against_source(v.root, source)
+    return findings
+
+
+def verify(path, *, check_values: bool = True, source=None) -> list[Finding]:
+    """All findings for the checkpoint directory ``path`` (empty list: clean); with ``source``,
+    also the output checked against that source checkpoint (:mod:`nvfp4_jax.verify_source`)."""
+    return _with_source(_Verifier(path, check_values), source)
 
 
 def _summary(v: _Verifier, findings: list[Finding]) -> dict:
@@ -531,35 +594,23 @@ def _summary(v: _Verifier, findings: list[Finding]) -> dict:
             "quantized": v.stats.get("quantized", 0), "ok": n[ERROR] == 0 and n[WARNING] == 0}
 
 
-def run_verify(path, as_json: bool = False, *, check_values: bool = True, out=None) -> int:
+def run_verify(path, as_json: bool = False, *, check_values: bool = True, source=None, out=None) -> int:
     """Print one line per finding and a summary; exit code 0 only when there is no error or
     warning."""
     out = out or sys.stdout
     v = _Verifier(path, check_values)
-    findings = v.run()
+    findings = _with_source(v, source)
     s = _summary(v, findings)
+    if source is not None:
+        s["source"] = str(source)
     if as_json:
         json.dump({"summary": s, "findings": [asdict(f) for f in findings]}, out, indent=1)
         out.write("\n")
     else:
         for f in findings:
             out.write(f.line() + "\n")
+        against = f", checked against {source}" if source is not None else ""
         out.write(f"verify {s['path']}: {'OK' if s['ok'] else 'FAILED'} -- format {s['format']}, "
-                  f"{s['quantized']} of {s['linears']} linears quantized, {s['errors']} error(s), "
+                  f"{s['quantized']} of {s['linears']} linears quantized{against}, {s['errors']} error(s), "
                   f"{s['warnings']} warning(s)\n")
     return 0 if s["ok"] else 1
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="nvfp4-jax verify",
-                                 description="check an NVFP4 checkpoint against vLLM/SGLang rules")
-    ap.add_argument("ckpt")
-    ap.add_argument("--json", action="store_true", help="machine-readable output")
-    ap.add_argument("--no-values", action="store_true",
-                    help="skip scanning every block scale (headers and tensor scales only)")
-    a = ap.parse_args(argv)
-    return run_verify(a.ckpt, a.json, check_values=not a.no_values)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -211,13 +211,25 @@ def test_fp8_weight_without_scale(tmp_path):
         CheckpointReader(src)
 
 
-def test_tensor_outside_the_index_is_not_read(tmp_path):
-    """The reader goes by the index: a tensor a shard holds but the index does not list is left out
-    (verify reports it), while a tensor the index lists is required."""
+def test_tensor_outside_the_index_is_an_error_naming_both(tmp_path):
+    """A tensor a shard holds but the index omits would be dropped from the output without a word:
+    the reader refuses, naming the tensor, the shard and the index."""
     src = make_bf16_checkpoint(tmp_path / "m", num_shards=2)
     idx = json.loads((src / "model.safetensors.index.json").read_text())
     dropped = sorted(idx["weight_map"])[0]
-    del idx["weight_map"][dropped]
+    shard = idx["weight_map"].pop(dropped)
     (src / "model.safetensors.index.json").write_text(json.dumps(idx))
-    r = CheckpointReader(src)
-    assert dropped not in r.names() and set(r.names()) == set(idx["weight_map"])
+    with pytest.raises(CheckpointError) as e:
+        CheckpointReader(src)
+    msg = str(e.value)
+    assert dropped in msg and shard in msg and "model.safetensors.index.json" in msg and "does not list it" in msg
+
+
+def test_shard_not_in_the_index_is_an_error(tmp_path):
+    src = make_bf16_checkpoint(tmp_path / "m", num_shards=2)
+    idx = json.loads((src / "model.safetensors.index.json").read_text())
+    gone = sorted(set(idx["weight_map"].values()))[1]
+    idx["weight_map"] = {n: f for n, f in idx["weight_map"].items() if f != gone}
+    (src / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=f"{gone} is not referenced by the index"):
+        CheckpointReader(src)

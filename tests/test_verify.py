@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from nvfp4_jax.checkpoint.layout import get_layout
-from nvfp4_jax.verify import Finding, main, run_verify, verify
+from nvfp4_jax.cli import main as cli_main
+from nvfp4_jax.verify import Finding, run_verify, verify
 
 from tests.paths import TINY_LLAMA
 
@@ -266,7 +267,7 @@ def test_golden_is_clean(golden):
     assert run_verify(golden, as_json=True, out=buf) == 0
     js = json.loads(buf.getvalue())
     assert js["summary"]["ok"] and js["findings"] == []
-    assert main([str(golden), "--no-values"]) == 0
+    assert cli_main(["verify", str(golden), "--no-values"]) == 0
 
 
 def test_golden_untouched_directly():

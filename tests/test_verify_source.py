@@ -115,3 +115,26 @@ def test_dropped_tensor_is_caught(converted, tmp_path):
         index_path.write_text(json.dumps(index))
     found = verify_against_source(bad, src)
     assert [(x.name, "missing from the output" in x.message) for x in found] == [(name, True)]
+
+
+def test_plain_verify_catches_changed_bytes_and_nan_through_the_checksums(converted, tmp_path):
+    """Without --source: the checksum manifest written at convert time catches a flipped byte in
+    a packed weight, and the value scan a NaN in a bf16 tensor."""
+    from nvfp4_jax.verify import verify
+
+    src, out = converted
+    assert verify(out) == []
+    bad = _copy(out, tmp_path)
+    w = "model.layers.1.mlp.gate_proj.weight"
+    f, e = _locate(bad, w)
+    b = f.read_bytes()[e.start + 10]
+    _patch(bad, w, 10, bytes([b ^ 0x01]))
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    _patch(bad, norm, 0, np.array([np.inf], ml_dtypes.bfloat16).tobytes())
+    found: dict[str, list[str]] = {}
+    for x in verify(bad):
+        found.setdefault(x.name, []).append(x.message)
+    assert set(found) == {w, norm}
+    assert len(found[w]) == 1 and "differs from" in found[w][0] and "nvfp4_checksums.json" in found[w][0]
+    assert sorted(m.split(" ")[0] for m in found[norm]) == ["1", "CRC-32"]
+    assert any("1 NaN/Inf value(s), the first at flat index 0" in m for m in found[norm])

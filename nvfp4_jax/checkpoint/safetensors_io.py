@@ -96,8 +96,9 @@ class ScanProblem:
     subject: the file (base name) or tensor the problem is about.
     message: one line that names the file, fit to raise or print.
     severity: "error" or "warning" (what ``verify`` reports).
-    readable: the tensors the index lists can still be read (a stray tensor outside the index, a
-        file the index does not name), so a strict scan does not stop for it.
+    readable: the tensors the index lists can still be read (a tensor stored twice), so a strict
+        scan does not stop for it. A tensor or file outside the index is not readable: reading by
+        the index would drop it without a word.
     """
 
     subject: str
@@ -254,9 +255,10 @@ def _scan_indexed(root: Path, index_path: Path, weight_map: dict, problems: _Pro
     for fname, entries in headers.items():
         for name, entry in entries.items():
             indexed = weight_map.get(name) == fname
-            if not indexed:
-                problems.add(name, f"tensor {name!r} is present in {root / fname} but the index says "
-                                   f"{weight_map.get(name)!r}", readable=True)
+            if not indexed:  # a converter reading by the index would silently drop it
+                problems.add(name, f"tensor {name!r} is present in {root / fname} but the index {index_path} "
+                                   + (f"places it in {weight_map[name]!r}" if name in weight_map else "does not list it")
+                                   + ": the index and the shards disagree")
             if name in tensors:
                 problems.add(name, f"tensor {name!r} stored twice ({tensors[name].file.name}, {fname})",
                              readable=True)
@@ -267,8 +269,8 @@ def _scan_indexed(root: Path, index_path: Path, weight_map: dict, problems: _Pro
     named = set(headers)
     for p in sorted(root.glob("*.safetensors")):
         if p.name not in named:
-            problems.add(p.name, f"safetensors file {p} is not referenced by the index {index_path}",
-                         severity=WARNING, readable=True)
+            problems.add(p.name, f"safetensors file {p} is not referenced by the index {index_path}: the index and "
+                                 "the shards disagree", severity=WARNING)
     return tensors
 
 
