@@ -78,6 +78,9 @@ def cmd_example(args) -> int:
 
     out = Path(args.out or f"out/{args.name}-nvfp4")
     src = Path(args.source) if args.source else Path(tempfile.mkdtemp(prefix="nvfp4-src-")) / args.name
+    if src.exists() and (not src.is_dir() or any(src.iterdir())):
+        raise UsageError(f"--source {src} already exists; example builds a new checkpoint there and never "
+                         "overwrites one it did not create: choose a new path")
     if args.name == "kimi-k2-shaped":
         examples.build_kimi_k2_shaped(src, layers=args.layers, experts=args.experts, seed=args.seed)
     else:

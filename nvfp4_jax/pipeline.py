@@ -151,6 +151,8 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         run.writer = cleanup.enter_context(coordinator.open_writer(
             out, run.plan, _writer_options(opt, run.plan, settings), fingerprint.digest(settings)))
         log(_start_line(run))
+        if opt.resume and not run.writer.resumed:
+            log(f"--resume: no interrupted run in {Path(out).name}.partial to continue; starting a new conversion")
         run.owned = coordinator.owned(run.plan)
         run.mesh = sharding.device_mesh() if len(jax.local_devices()) > 1 else None
         stats = _convert_units(run, _embed(run))

@@ -166,7 +166,7 @@ class PlannedWriter:
         self._fds: dict[int, int] = {}
         self._dirty: set[int] = set()
         self._finalized = False
-        self.resumed = False  # prepare() continued an interrupted run
+        self.resumed = False  # this process continues an interrupted run (its plan or manifest was there)
 
     def _lay_out(self, specs) -> None:
         """File names, headers, sizes and every tensor's place (``self.where``)."""
@@ -249,6 +249,7 @@ class PlannedWriter:
             raise CheckpointError(f"{self.partial / PLAN_NAME} is missing: is {self.partial} on a file system "
                                   "shared by every process?")
         if self.options.resume and self.manifest_path.exists():
+            self.resumed = True
             m = _read_json(self.manifest_path, "resume manifest")
             if m.get("digest") != self.digest:
                 raise CheckpointError(f"resume manifest {self.manifest_path} belongs to another plan; "
