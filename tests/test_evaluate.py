@@ -120,7 +120,7 @@ def test_routed_expert_input_hook_quantizes_each_row_with_its_experts_amax():
     torch = pytest.importorskip("torch")
     from torch_bridge import reference
 
-    from nvfp4_jax.models.common import _experts_chunk_jit
+    from nvfp4_jax.models.moe import Dispatch, ExpertInputAmax, ExpertWeights, experts_chunk_jit
 
     rng = np.random.default_rng(0)
     h, inter, e = 32, 16, 3
@@ -130,10 +130,10 @@ def test_routed_expert_input_hook_quantizes_each_row_with_its_experts_amax():
     gate, up, down = w(inter, h), w(inter, h), w(h, inter)
     gu_amax = np.asarray([1.5, 2.0, 30.0], np.float32)  # expert 0: saturating
     dn_amax = np.asarray([0.1, 0.5, 4.0], np.float32)
-    y, _ = _experts_chunk_jit(jnp.asarray(x), jnp.asarray(expert_sorted), jnp.asarray([2, 3, 2], jnp.int32),
-                              jnp.int32(0), [jnp.asarray(a) for a in gate], [jnp.asarray(a) for a in up],
-                              [jnp.asarray(a) for a in down], act_name="silu",
-                              gate_up_in_amax=jnp.asarray(gu_amax), down_in_amax=jnp.asarray(dn_amax))
+    dispatch = Dispatch(jnp.asarray(x), jnp.asarray(expert_sorted), None, jnp.asarray([2, 3, 2], jnp.int32), None)
+    weights = ExpertWeights(*([jnp.asarray(a) for a in ws] for ws in (gate, up, down)))
+    y, _ = experts_chunk_jit(dispatch, jnp.int32(0), weights, ExpertInputAmax(jnp.asarray(gu_amax), jnp.asarray(dn_amax)),
+                             act_name="silu")
     silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
     fq = lambda v, a: reference.fake_quant(torch.from_numpy(v), float(a)).numpy()  # noqa: E731
     ref, plain = [], []
