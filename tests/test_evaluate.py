@@ -240,3 +240,30 @@ def test_cross_framework_llama_logits(llama):
     assert diff <= 1e-4 * rng_
     # the activation quantization both sides apply is far larger than their difference
     assert effect > 100 * diff
+
+
+def test_layer_forward_input_amax_argument(kimi):
+    """input_amax={} changes nothing, a named linear's input is fake-quantized (the output moves
+    by far more than rounding), a name that is no linear of the layer, or only some routed
+    experts, is refused."""
+    from nvfp4_jax.checkpoint.reader import CheckpointReader
+    from nvfp4_jax.models import ModelConfigError, get_family
+
+    src, _ = kimi
+    reader = CheckpointReader(src)
+    family = get_family(reader.config)
+    params = {**family.read_layer(reader, 1, jnp.float32),
+              **reader.get_many(family.embed_param_names(reader.names()), jnp.float32)}
+    reader.close()
+    hidden = family.embed(params, np.arange(16, dtype=np.int32).reshape(2, 8), dtype=jnp.float32)
+    plain, s0 = family.layer_forward(1, params, hidden, dtype=jnp.float32)
+    same, _ = family.layer_forward(1, params, hidden, dtype=jnp.float32, input_amax={})
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(plain))
+    o_proj = "model.layers.1.self_attn.o_proj"
+    quant, _ = family.layer_forward(1, params, hidden, dtype=jnp.float32,
+                                    input_amax={o_proj: s0.input_amax[o_proj]})
+    assert not np.allclose(np.asarray(quant), np.asarray(plain), rtol=0, atol=1e-3)
+    with pytest.raises(ModelConfigError, match="no linear"):
+        family.layer_forward(1, params, hidden, input_amax={"model.layers.1.input_layernorm": 1.0})
+    with pytest.raises(ModelConfigError, match="some but not all routed experts"):
+        family.layer_forward(1, params, hidden, input_amax={"model.layers.1.mlp.experts.0.gate_proj": 1.0})

@@ -111,6 +111,12 @@ class LayerParams:
     def optional(self, name: str) -> jax.Array | None:
         return self.params.get(name)
 
+    def check_input_amax_used(self) -> None:
+        """After the layer function: every input_amax entry named a linear it applied."""
+        unused = sorted(set(self.input_amax) - set(self.observed))
+        if unused:
+            raise ModelConfigError(f"input_amax names {unused[0]!r} (local name), which is no linear of the layer")
+
     def linear(self, module: str, x: jax.Array) -> jax.Array:
         """Apply the Linear `module` (local name without ".weight") and record its input amax."""
         self.observed[module] = amax(x)
