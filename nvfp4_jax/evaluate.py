@@ -310,9 +310,8 @@ def forward_both(src, ckpt, tokens, *, dtype=jnp.bfloat16, fake_quant_inputs: bo
                                 "rel_error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0}
             moe = family.is_moe_layer(layer)
             if with_source:
-                h_s, st_s = family.layer_forward(layer, ps, h_s, dtype=dtype, return_routing=moe)
-            h_q, st_q = family.layer_forward(layer, pq, h_q, dtype=dtype, input_amax=in_amax,
-                                             return_routing=moe)
+                h_s, st_s = family.layer_forward(layer, ps, h_s, dtype=dtype)
+            h_q, st_q = family.layer_forward(layer, pq, h_q, dtype=dtype, input_amax=in_amax)
             if moe and with_source:
                 a = np.asarray(st_s.experts.topk_ids)
                 b = np.asarray(st_q.experts.topk_ids)

@@ -267,3 +267,5 @@ def test_layer_forward_input_amax_argument(kimi):
         family.layer_forward(1, params, hidden, input_amax={"model.layers.1.input_layernorm": 1.0})
     with pytest.raises(ModelConfigError, match="some but not all routed experts"):
         family.layer_forward(1, params, hidden, input_amax={"model.layers.1.mlp.experts.0.gate_proj": 1.0})
+    with pytest.raises(ModelConfigError, match="no routed expert linear"):
+        family.layer_forward(1, params, hidden, input_amax={"model.layers.1.mlp.experts.99.gate_proj": 1.0})

@@ -130,11 +130,11 @@ def _expert_reference(module, x, top_k_index):
     return counts, gu_amax, down_amax
 
 
-def _jax_run(path, dtype, case=None, **kw):
+def _jax_run(path, dtype, case=None):
     config = {**mf.read_config(path), **JAX_CONFIG_OVERRIDES.get(case, {})}
     family = get_family(config)
     params = mf.load_params(path, family, dtype)
-    logits, stats = family.forward(params, _input_ids(), dtype=dtype, return_routing=True, **kw)
+    logits, stats = family.forward(params, _input_ids(), dtype=dtype)
     return family, np.asarray(logits.astype(jnp.float32)), stats
 
 
@@ -268,7 +268,8 @@ def test_expert_chunking_gives_the_same_layer(checkpoints):
     params = mf.load_params(path, family, jnp.float32)
     hidden = family.embed(params, _input_ids(), dtype=jnp.float32)
     whole, s1 = family.layer_forward(1, params, hidden, dtype=jnp.float32)
-    chunked, s2 = family.layer_forward(1, params, hidden, dtype=jnp.float32, expert_chunk_size=3)
+    family.expert_chunk_size = 3
+    chunked, s2 = family.layer_forward(1, params, hidden, dtype=jnp.float32)
     for key in ("gate_up_input_amax", "tokens_per_expert"):
         np.testing.assert_array_equal(np.asarray(getattr(s2.experts, key)), np.asarray(getattr(s1.experts, key)))
     assert s2.input_amax == s1.input_amax

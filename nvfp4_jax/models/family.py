@@ -83,6 +83,9 @@ class Family:
     name: str = ""
     _dense_layer: Callable
     _moe_pre: Callable | None = None
+    # routed experts stacked at once for one grouped matmul; None: as many as fit
+    # moe.EXPERT_STACK_BYTES (2 GiB), which bounds the extra memory of stacking
+    expert_chunk_size: int | None = None
 
     def __init__(self, config: Mapping[str, Any]):
         self.config = dict(config)
@@ -162,19 +165,17 @@ class Family:
         return _head_jit(p["model.norm.weight"], lm, hidden, float(self.spec.eps))
 
     def layer_forward(self, layer: int, params: Params, hidden: jax.Array, *, dtype=jnp.bfloat16,
-                      input_amax: Params | None = None, return_routing: bool = False,
-                      expert_chunk_size: int | None = None) -> tuple[jax.Array, LayerStats]:
+                      input_amax: Params | None = None) -> tuple[jax.Array, LayerStats]:
         """Run decoder layer `layer` on hidden [B, S, H] -> (hidden, LayerStats).
 
         params: checkpoint-named tensors; only the names of this layer are read (the dict may hold
-        more). Routed experts are per-expert tensors; they are stacked `expert_chunk_size` at a
-        time (default: as many as fit moe.EXPERT_STACK_BYTES, 2 GiB), which bounds the extra
-        memory of stacking (each chunk runs one grouped matmul over the expert-sorted rows).
+        more). Routed experts are per-expert tensors, stacked `self.expert_chunk_size` at a time
+        (each chunk runs one grouped matmul over the expert-sorted rows).
         input_amax (evaluation): {module name: f32[]} of linears whose input is NVFP4
         fake-quantized with that tensor amax (as an engine serving the checkpoint quantizes it);
         routed experts are all given or none. Modules of other layers are ignored. The statistics
-        are always those of the unquantized inputs.
-        return_routing adds stats.experts.topk_ids int32 [B*S, k], ascending per token.
+        are always those of the unquantized inputs; for a MoE layer they include the routing,
+        stats.experts.topk_ids int32 [B*S, k], ascending per token.
         """
         if not 0 <= layer < self.num_layers():
             raise ModelConfigError(f"layer {layer} is out of range 0..{self.num_layers() - 1}")
@@ -200,20 +201,19 @@ class Family:
         (h_resid, topk_ids, topk_w, shared_out), observed, dispatch = _moe_pre_jit(
             type(self)._moe_pre, self.spec, rest, rest_amax, hidden, window)
         y_sorted, down_amax = run_experts(dispatch, weights, in_amax, act_name=self.spec.act,
-                                          chunk_size=expert_chunk_size)
+                                          chunk_size=self.expert_chunk_size)
         out = _moe_post_jit(h_resid, y_sorted, dispatch.order, topk_ids, topk_w, shared_out)
         experts = RoutedExpertStats(
             names.prefix, dispatch.gate_up_input_amax, down_amax, dispatch.group_sizes,
-            jnp.sort(topk_ids, axis=-1).astype(jnp.int32) if return_routing else None)
+            jnp.sort(topk_ids, axis=-1).astype(jnp.int32))
         return out, LayerStats({prefix + k: v for k, v in observed.items()}, experts)
 
-    def forward(self, params: Params, input_ids, *, dtype=jnp.bfloat16, return_routing=False):
+    def forward(self, params: Params, input_ids, *, dtype=jnp.bfloat16):
         """Whole model: logits [B, S, V] and the LayerStats of every layer (tests, evaluation)."""
         hidden = self.embed(params, input_ids, dtype=dtype)
         all_stats = []
         for layer in range(self.num_layers()):
-            hidden, stats = self.layer_forward(layer, params, hidden, dtype=dtype,
-                                               return_routing=return_routing)
+            hidden, stats = self.layer_forward(layer, params, hidden, dtype=dtype)
             all_stats.append(stats)
         return self.head(params, hidden), all_stats
 

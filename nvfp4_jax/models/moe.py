@@ -76,7 +76,11 @@ class ExpertNames:
         """The evaluation hook's amaxes when `input_amax` (module name -> f32[]) covers the routed
         experts, else None. gate and up share one input, so they get the max of their two amaxes
         (equal in a checkpoint that unifies fused groups)."""
-        present = [self.module(e, pn) in input_amax for e in range(self.num_experts) for pn in PROJECTIONS]
+        modules = [self.module(e, pn) for e in range(self.num_experts) for pn in PROJECTIONS]
+        stray = sorted(set(k for k in input_amax if k.startswith(self.prefix + ".")) - set(modules))
+        if stray:
+            raise ModelConfigError(f"input_amax names {stray[0]!r}, which is no routed expert linear")
+        present = [m in input_amax for m in modules]
         if not any(present):
             return None
         if not all(present):

@@ -103,12 +103,9 @@ class DecoderLayer(nnx.Module):
         """{checkpoint name: array} of this layer, as `family.read_layer` returns it."""
         return _values(self.params)
 
-    def __call__(self, hidden: jax.Array, *, return_routing: bool = False,
-                 expert_chunk_size: int | None = None) -> tuple[jax.Array, LayerStats]:
+    def __call__(self, hidden: jax.Array) -> tuple[jax.Array, LayerStats]:
         """hidden [B, S, H] -> (hidden [B, S, H] in `dtype`, LayerStats); see family.layer_forward."""
-        return self.family.layer_forward(
-            self.layer, self.param_dict(), hidden, dtype=self.dtype,
-            return_routing=return_routing, expert_chunk_size=expert_chunk_size)
+        return self.family.layer_forward(self.layer, self.param_dict(), hidden, dtype=self.dtype)
 
 
 class CausalLM(nnx.Module):
@@ -200,11 +197,11 @@ class CausalLM(nnx.Module):
         """hidden [B, S, H] -> logits [B, S, V] (final norm + lm_head)."""
         return self.family.head(_values(self.params), hidden)
 
-    def __call__(self, input_ids, *, return_routing: bool = False) -> tuple[jax.Array, list[LayerStats]]:
+    def __call__(self, input_ids) -> tuple[jax.Array, list[LayerStats]]:
         hidden = self.embed(input_ids)
         all_stats = []
         for layer in self.layers:
-            hidden, stats = layer(hidden, return_routing=return_routing)
+            hidden, stats = layer(hidden)
             all_stats.append(stats)
         return self.head(hidden), all_stats
 

@@ -22,7 +22,7 @@ class RoutedExpertStats:
     gate_up_input_amax: jax.Array  # f32 [E]: max |x| of the tokens routed to expert e; 0 where none
     down_input_amax: jax.Array  # f32 [E]
     tokens_per_expert: jax.Array  # int [E]
-    topk_ids: Optional[jax.Array] = None  # int32 [T, k], ascending per token (return_routing only)
+    topk_ids: Optional[jax.Array] = None  # int32 [T, k] the routing, ascending per token (not merged)
 
 
 @flax.struct.dataclass
