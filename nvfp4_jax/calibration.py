@@ -1,8 +1,10 @@
 """Calibration statistics (SPEC.md sections 3-5).
 
-A layer forward (``nvfp4_jax.models``) returns a ``LayerStats`` dict per batch; :class:`CalibStats`
-accumulates them (max for amax, sum for token counts), resolves the input amax of every quantized
-linear with the MoE back-fill policy, unifies fused groups, and reports expert coverage.
+:func:`calibrate_layer` runs one decoder layer over the calibration batches; the layer forward
+(``nvfp4_jax.models``) returns a :class:`~nvfp4_jax.models.stats.LayerStats` per batch, which
+:class:`CalibStats` accumulates (max for amax, sum for token counts). The functions below resolve
+the input amax of every quantized linear with the MoE back-fill policy, unify fused groups, and
+report expert coverage.
 
 Weight amax is never stored here: it is a property of the weight and is computed from it when the
 weight is quantized (the lazy rule of SPEC section 5).
@@ -11,17 +13,25 @@ weight is quantized (the lazy rule of SPEC section 5).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from nvfp4_jax import sharding
 from nvfp4_jax.errors import NVFP4Error
+from nvfp4_jax.models.stats import LayerStats
 
 MOE_POLICIES = ("layer-max", "per-expert")
 
 
 class CalibrationError(NVFP4Error, ValueError):
     """Calibration cannot give a valid scale (e.g. no expert of a MoE layer saw a token)."""
+
+
+def _max(a: float, b: float) -> float:
+    """max that keeps NaN (Python's ``max(0.0, nan)`` is 0.0, which would hide a broken forward)."""
+    return float(np.maximum(np.float64(a), np.float64(b)))
 
 
 @dataclasses.dataclass
@@ -48,26 +58,26 @@ class CalibStats:
     input_amax: dict[str, float] = dataclasses.field(default_factory=dict)
     experts: dict[str, ExpertStats] = dataclasses.field(default_factory=dict)
 
-    def observe(self, layer_stats: Mapping) -> None:
-        """Merge one batch's ``LayerStats`` (from ``family.layer_forward``) into these statistics."""
-        for name, amax in layer_stats.get("input_amax", {}).items():
-            value = float(np.asarray(amax, np.float32))
-            self.input_amax[name] = max(self.input_amax.get(name, 0.0), value)
-        ex = layer_stats.get("experts")
-        if ex:
+    def observe(self, layer_stats: LayerStats) -> None:
+        """Merge one batch's ``LayerStats`` (from ``family.layer_forward`` or
+        ``sharding.forward_sharded``) into these statistics."""
+        for name, amax in layer_stats.input_amax.items():
+            self.input_amax[name] = _max(self.input_amax.get(name, 0.0), float(np.asarray(amax, np.float32)))
+        ex = layer_stats.experts
+        if ex is not None:
             new = ExpertStats(
-                np.asarray(ex["gate_up_input_amax"], np.float32),
-                np.asarray(ex["down_input_amax"], np.float32),
-                np.asarray(ex["tokens_per_expert"], np.int64),
+                np.asarray(ex.gate_up_input_amax, np.float32),
+                np.asarray(ex.down_input_amax, np.float32),
+                np.asarray(ex.tokens_per_expert, np.int64),
             )
-            prev = self.experts.get(ex["prefix"])
-            self.experts[ex["prefix"]] = new if prev is None else prev.merge(new)
+            prev = self.experts.get(ex.prefix)
+            self.experts[ex.prefix] = new if prev is None else prev.merge(new)
 
     def merge(self, other: "CalibStats") -> "CalibStats":
         """Max-merge with statistics from another host or run."""
         out = CalibStats(dict(self.input_amax), dict(self.experts))
         for k, v in other.input_amax.items():
-            out.input_amax[k] = max(out.input_amax.get(k, 0.0), v)
+            out.input_amax[k] = _max(out.input_amax.get(k, 0.0), v)
         for k, v in other.experts.items():
             out.experts[k] = v if k not in out.experts else out.experts[k].merge(v)
         return out
@@ -98,6 +108,27 @@ class CalibStats:
                 for k, v in d.get("experts", {}).items()
             },
         )
+
+
+def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden: Sequence[jax.Array], *,
+                    dtype, mesh=None) -> tuple[list[jax.Array], CalibStats]:
+    """Run decoder ``layer`` over every calibration batch of ``hidden`` (``[b, S, H]`` arrays) ->
+    (the layer's outputs, one per batch, ready; the layer's statistics over all batches).
+
+    With ``mesh`` (a ``jax.sharding.Mesh``) every batch is split over its devices
+    (``sharding.forward_sharded``); otherwise batches run one by one on the default device."""
+    stats = CalibStats()
+    if mesh is not None:
+        out, merged = sharding.forward_sharded(family, layer, params, hidden, dtype, mesh)
+        stats.observe(merged)
+    else:
+        out = []
+        for h in hidden:
+            h, s = family.layer_forward(layer, params, h, dtype=dtype)
+            stats.observe(jax.device_get(s))
+            out.append(h)
+    jax.block_until_ready(out)
+    return list(out), stats
 
 
 def backfill_expert_amax(stats: ExpertStats, policy: str, layer_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +219,6 @@ def constant_input_amax(value_input_scale: float = 1.0) -> float:
 
 
 __all__ = [
-    "MOE_POLICIES", "CalibrationError", "ExpertStats", "CalibStats", "backfill_expert_amax",
+    "MOE_POLICIES", "CalibrationError", "ExpertStats", "CalibStats", "calibrate_layer", "backfill_expert_amax",
     "expert_input_amax", "unify_groups", "coverage_report", "constant_input_amax",
 ]

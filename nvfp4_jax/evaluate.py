@@ -9,8 +9,8 @@ model in memory at a time):
   and its input is fake-quantized as the serving engines quantize it: tensor scale = the
   checkpoint's ``input_scale`` (amax = input_scale * 2688), dynamic per-block E4M3 scales
   (``numerics.fake_quant``); routed experts with their own per-expert input scales. Unquantized
-  tensors are taken from the NVFP4 checkpoint itself. The hook is the ``"<module>.input_amax"``
-  entry of the layer's parameter dict (nvfp4_jax/models/common.py).
+  tensors are taken from the NVFP4 checkpoint itself. The input quantization is the
+  ``input_amax`` argument of ``family.layer_forward``.
 
 Reported: per-token KL(source || NVFP4) over the vocabulary (mean, median, p99, max), top-1
 agreement, perplexity of both on the text, MoE routing agreement, and per-module / per-layer
@@ -178,12 +178,12 @@ class NVFP4Checkpoint:
         return jnp.asarray(np.asarray(self.raw(name))).astype(dtype)
 
     def layer_params(self, family, layer: int, dtype, fake_quant_inputs: bool = True):
-        """Layer tensors as the model forward wants them, with the input-quant hook entries
-        ``"<module>.input_amax"`` for every quantized linear. Also returns
-        ``{module: dequantized weight float32}`` for the error statistics."""
+        """(layer tensors as the model forward wants them, ``{module: input amax}`` of every
+        quantized linear for ``layer_forward(input_amax=...)`` (empty without
+        fake_quant_inputs), ``{module: dequantized weight float32}`` for the error statistics)."""
         names = family.layer_param_names(layer, self._names)
         qset = set(self.quantized)
-        params, deq = {}, {}
+        params, input_amax, deq = {}, {}, {}
         for n in names:
             mod = n[: -len(".weight")] if n.endswith(".weight") else None
             if mod in qset:
@@ -192,10 +192,10 @@ class NVFP4Checkpoint:
                 deq[mod] = w32
                 params[n] = w32.astype(family.param_dtype(n, dtype))
                 if fake_quant_inputs:
-                    params[f"{mod}.input_amax"] = jnp.asarray(input_amax_from_scale(si), jnp.float32)
+                    input_amax[mod] = jnp.asarray(input_amax_from_scale(si), jnp.float32)
             else:
                 params[n] = self.get(n, family.param_dtype(n, dtype))
-        return params, deq
+        return params, input_amax, deq
 
     def close(self):
         self._cache.close()
@@ -271,7 +271,7 @@ def forward_both(src, ckpt, tokens, *, dtype=jnp.bfloat16, fake_quant_inputs: bo
         for layer in range(family.num_layers()):
             t0 = time.perf_counter()
             ps = family.read_layer(reader, layer, dtype=dtype)
-            pq, deq = q.layer_params(family, layer, dtype, fake_quant_inputs)
+            pq, in_amax, deq = q.layer_params(family, layer, dtype, fake_quant_inputs)
             for mod, w32 in deq.items():
                 if f"{mod}.weight" not in ps:
                     raise EvalError(f"quantized module {mod} of {ckpt} has no weight in the source {src}")
@@ -283,15 +283,15 @@ def forward_both(src, ckpt, tokens, *, dtype=jnp.bfloat16, fake_quant_inputs: bo
                                 "rel_error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0}
             moe = family.is_moe_layer(layer)
             if with_source:
-                h_s, st_s = family.layer_forward(layer, ps, h_s, dtype=dtype, return_routing=moe)
-            h_q, st_q = family.layer_forward(layer, pq, h_q, dtype=dtype, return_routing=moe)
+                h_s, st_s = family.layer_forward(layer, ps, h_s, dtype=dtype)
+            h_q, st_q = family.layer_forward(layer, pq, h_q, dtype=dtype, input_amax=in_amax)
             if moe and with_source:
-                a = np.asarray(st_s["experts"]["topk_ids"])
-                b = np.asarray(st_q["experts"]["topk_ids"])
+                a = np.asarray(st_s.experts.topk_ids)
+                b = np.asarray(st_q.experts.topk_ids)
                 overlap = np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a.tolist(), b.tolist())])
                 routing[layer] = {"same_topk_set": float(np.mean(np.all(a == b, axis=-1))),
                                   "expert_overlap": float(overlap)}
-            del ps, pq, deq
+            del ps, pq, in_amax, deq
             log(f"layer {layer}: {time.perf_counter() - t0:.2f}s")
         logits_s = None
         if with_source:

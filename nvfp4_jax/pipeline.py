@@ -28,7 +28,7 @@ from nvfp4_jax.finite import check_finite
 from nvfp4_jax.layer_quant import input_scales, quantize_layer
 from nvfp4_jax.progress import Progress
 from nvfp4_jax.calibration import (
-    CalibrationError, CalibStats, MOE_POLICIES, constant_input_amax, coverage_report,
+    CalibrationError, CalibStats, MOE_POLICIES, calibrate_layer, constant_input_amax, coverage_report,
     expert_input_amax, unify_groups,
 )
 from nvfp4_jax.checkpoint.reader import CheckpointReader
@@ -251,7 +251,7 @@ def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) ->
     layer_stats = CalibStats()
     if calibrate:
         with run.timer("calibrate"):
-            hidden[:], layer_stats = _calibrate_layer(run.family, unit.layer, params, hidden,
+            hidden[:], layer_stats = calibrate_layer(run.family, unit.layer, params, hidden,
                                                       dtype=run.dtype, mesh=run.mesh)
             layer_stats = run.coordinator.allreduce_stats(unit.name, layer_stats)
         stats = stats.merge(layer_stats)
@@ -290,25 +290,6 @@ def _read_layer(run: _Run, unit: UnitPlan) -> dict:
 
 def _module(name: str) -> Optional[str]:
     return name[: -len(".weight")] if name.endswith(".weight") else None
-
-
-def _calibrate_layer(family, layer: int, params: dict, hidden: list, *, dtype, mesh=None) -> tuple[list, CalibStats]:
-    """Run decoder layer ``layer`` over every calibration batch of ``hidden`` (split over the local
-    devices of ``mesh`` when given, statistics merged exactly); the new hidden states and the
-    layer's statistics."""
-    stats = CalibStats()
-    if mesh is not None:
-        hidden, s = sharding.forward_sharded(family, layer, params, hidden, dtype, mesh)
-        stats.observe(s)
-    else:
-        new_hidden = []
-        for h in hidden:
-            h, s = family.layer_forward(layer, params, h, dtype=dtype)
-            stats.observe(jax.device_get(s))
-            new_hidden.append(h)
-        hidden = new_hidden
-    jax.block_until_ready(hidden)
-    return hidden, stats
 
 
 def _unquantized(reader: CheckpointReader, name: str):
@@ -372,6 +353,11 @@ def _input_amax(run: _Run, layer: int, mods: list, layer_stats: CalibStats) -> d
     missing = [m for m in mods if m not in in_amax]
     if missing:
         raise ConversionError(f"layer {layer}: calibration recorded no input amax for {missing[:5]}")
+    bad = [m for m in mods if not np.isfinite(in_amax[m])]
+    if bad:
+        raise ConversionError(f"layer {layer}: the calibration forward gave a non-finite input amax "
+                              f"({in_amax[bad[0]]}) for {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}: "
+                              "the activations overflowed; check the source weights and the compute dtype")
     return {m: in_amax[m] for m in mods}
 
 

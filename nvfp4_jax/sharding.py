@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nvfp4_jax import numerics
-from nvfp4_jax.models.common import ModelConfigError
+from nvfp4_jax.models.ops import ModelConfigError
+from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
 
 AXES = ("experts", "samples")
 _EXPERTS_SPEC = P(("experts", "samples"))  # the stacked axis over every device
@@ -203,34 +204,6 @@ def regroup_batches(hidden_batches: Sequence, rows: int) -> list:
     return out
 
 
-def merge_layer_stats(stats_list: Sequence[Mapping]) -> dict:
-    """Merge LayerStats dicts (``family.layer_forward``'s second result) into one with numpy
-    values: every amax by max, ``tokens_per_expert`` by sum (int64). Exact for any split."""
-    input_amax: dict[str, np.float32] = {}
-    experts = None
-    for s in stats_list:
-        for k, v in s.get("input_amax", {}).items():
-            v = np.max(np.asarray(jax.device_get(v), np.float32))
-            input_amax[k] = np.float32(max(input_amax.get(k, np.float32(0)), v))
-        ex = s.get("experts")
-        if ex:
-            gu = np.asarray(jax.device_get(ex["gate_up_input_amax"]), np.float32)
-            dn = np.asarray(jax.device_get(ex["down_input_amax"]), np.float32)
-            tk = np.asarray(jax.device_get(ex["tokens_per_expert"]), np.int64)
-            if gu.ndim == 2:  # per-device rows from forward_sharded
-                gu, dn, tk = gu.max(axis=0), dn.max(axis=0), tk.sum(axis=0)
-            if experts is None:
-                experts = {"prefix": ex["prefix"], "gate_up_input_amax": gu, "down_input_amax": dn,
-                           "tokens_per_expert": tk}
-            else:
-                if experts["prefix"] != ex["prefix"]:
-                    raise ValueError(f"merge_layer_stats: stats of {ex['prefix']} and {experts['prefix']}")
-                experts["gate_up_input_amax"] = np.maximum(experts["gate_up_input_amax"], gu)
-                experts["down_input_amax"] = np.maximum(experts["down_input_amax"], dn)
-                experts["tokens_per_expert"] = experts["tokens_per_expert"] + tk
-    return {"input_amax": input_amax, "experts": experts}
-
-
 def _canonical_layer(family, layer: int) -> int:
     """The first layer with the same forward as ``layer`` (kind and attention window): all such
     layers share one compiled program, with names mapped to the canonical layer's."""
@@ -247,26 +220,16 @@ _FORWARD_CACHE: dict = {}  # one jitted shard_map per layer kind, mesh, dtype an
 def _forward_fn(family, canon: int, mesh: Mesh, dtype, params_sig):
     config = json.dumps(family.config, sort_keys=True, default=str)
     key = (type(family), family.spec, config, canon, mesh, jnp.dtype(dtype).name, params_sig)
-    hit = _FORWARD_CACHE.get(key)
-    if hit is not None:
-        return hit
-    static: dict[str, Any] = {}
+    fn = _FORWARD_CACHE.get(key)
+    if fn is None:
+        def local(p, h):
+            h, s = family.layer_forward(canon, p, h, dtype=dtype)
+            return h, jax.tree.map(lambda v: v[None], s)  # one row of statistics per device
 
-    def local(p, h):
-        h, s = family.layer_forward(canon, p, h, dtype=dtype)
-        amax = {k: jnp.reshape(v, (1,)) for k, v in s["input_amax"].items()}
-        ex = s.get("experts")
-        ex_arrays = None
-        if ex:
-            static["prefix"] = ex["prefix"]
-            ex_arrays = {k: ex[k][None] for k in ("gate_up_input_amax", "down_input_amax", "tokens_per_expert")}
-        return h, amax, ex_arrays
-
-    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), _SAMPLES_SPEC), out_specs=_SAMPLES_SPEC,
-                      check_vma=False)
-    hit = (jax.jit(f), static)
-    _FORWARD_CACHE[key] = hit
-    return hit
+        fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), _SAMPLES_SPEC), out_specs=_SAMPLES_SPEC,
+                                   check_vma=False))
+        _FORWARD_CACHE[key] = fn
+    return fn
 
 
 def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_batches: Sequence,
@@ -275,9 +238,9 @@ def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_
     the batch axis split over every device of ``mesh`` and ``params`` replicated.
 
     Returns ``(new_hidden_batches, layer_stats)``: one output per input batch, same shapes
-    (arrays sharded over the mesh), and one LayerStats dict (numpy values, the format of
-    ``family.layer_forward``) merged over all batches and devices, equal to merging the
-    one-device stats of every batch. A batch whose size is not a multiple of the device count is
+    (arrays sharded over the mesh), and one :class:`LayerStats` (numpy values) merged over all
+    batches and devices with :func:`merge_layer_stats`, equal to merging the one-device stats of
+    every batch. A batch whose size is not a multiple of the device count is
     split: the largest multiple is sharded, the remaining rows run replicated.
     """
     mesh = mesh or device_mesh()
@@ -290,7 +253,7 @@ def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_
         raise ModelConfigError(f"no tensors named {prefix}* in the parameters passed for layer {layer}")
     local = jax.device_put(local, NamedSharding(mesh, P()))
     sig = tuple(sorted((k, tuple(v.shape), v.dtype.name) for k, v in local.items()))
-    fn, static = _forward_fn(family, canon, mesh, dtype, sig)
+    fn = _forward_fn(family, canon, mesh, dtype, sig)
     replicated = NamedSharding(mesh, P())
 
     def rename(name: str) -> str:
@@ -303,10 +266,7 @@ def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_
         pieces = []
         if main:
             hs = h if main == b else h[:main]
-            out, amax, ex = fn(local, jax.device_put(hs, NamedSharding(mesh, _SAMPLES_SPEC)))
-            s = {"input_amax": amax, "experts": None}
-            if ex is not None:
-                s["experts"] = {"prefix": static["prefix"], **ex}
+            out, s = fn(local, jax.device_put(hs, NamedSharding(mesh, _SAMPLES_SPEC)))
             stats.append(s)
             pieces.append(out)
         if main < b:  # fewer rows than devices: every device runs them (replicated)
@@ -315,11 +275,10 @@ def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_
             pieces.append(out)
         outputs.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0))
     merged = merge_layer_stats(stats)
-    merged["input_amax"] = {rename(k): v for k, v in merged["input_amax"].items()}
-    if merged["experts"]:
-        merged["experts"]["prefix"] = rename(merged["experts"]["prefix"])
-    return outputs, merged
+    experts = merged.experts
+    if experts is not None:
+        experts = experts.replace(prefix=rename(experts.prefix))
+    return outputs, LayerStats({rename(k): v for k, v in merged.input_amax.items()}, experts)
 
 
-__all__ = ["AXES", "device_mesh", "quantize_sharded", "regroup_batches", "merge_layer_stats",
-           "forward_sharded"]
+__all__ = ["AXES", "device_mesh", "quantize_sharded", "regroup_batches", "forward_sharded"]

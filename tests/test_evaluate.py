@@ -120,7 +120,7 @@ def test_routed_expert_input_hook_quantizes_each_row_with_its_experts_amax():
     torch = pytest.importorskip("torch")
     from torch_bridge import reference
 
-    from nvfp4_jax.models.common import _experts_chunk_jit
+    from nvfp4_jax.models.moe import Dispatch, ExpertInputAmax, ExpertWeights, experts_chunk_jit
 
     rng = np.random.default_rng(0)
     h, inter, e = 32, 16, 3
@@ -130,10 +130,10 @@ def test_routed_expert_input_hook_quantizes_each_row_with_its_experts_amax():
     gate, up, down = w(inter, h), w(inter, h), w(h, inter)
     gu_amax = np.asarray([1.5, 2.0, 30.0], np.float32)  # expert 0: saturating
     dn_amax = np.asarray([0.1, 0.5, 4.0], np.float32)
-    y, _ = _experts_chunk_jit(jnp.asarray(x), jnp.asarray(expert_sorted), jnp.asarray([2, 3, 2], jnp.int32),
-                              jnp.int32(0), [jnp.asarray(a) for a in gate], [jnp.asarray(a) for a in up],
-                              [jnp.asarray(a) for a in down], act_name="silu",
-                              gate_up_in_amax=jnp.asarray(gu_amax), down_in_amax=jnp.asarray(dn_amax))
+    dispatch = Dispatch(jnp.asarray(x), jnp.asarray(expert_sorted), None, jnp.asarray([2, 3, 2], jnp.int32), None)
+    weights = ExpertWeights(*([jnp.asarray(a) for a in ws] for ws in (gate, up, down)))
+    y, _ = experts_chunk_jit(dispatch, jnp.int32(0), weights, ExpertInputAmax(jnp.asarray(gu_amax), jnp.asarray(dn_amax)),
+                             act_name="silu")
     silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
     fq = lambda v, a: reference.fake_quant(torch.from_numpy(v), float(a)).numpy()  # noqa: E731
     ref, plain = [], []
@@ -240,3 +240,32 @@ def test_cross_framework_llama_logits(llama):
     assert diff <= 1e-4 * rng_
     # the activation quantization both sides apply is far larger than their difference
     assert effect > 100 * diff
+
+
+def test_layer_forward_input_amax_argument(kimi):
+    """input_amax={} changes nothing, a named linear's input is fake-quantized (the output moves
+    by far more than rounding), a name that is no linear of the layer, or only some routed
+    experts, is refused."""
+    from nvfp4_jax.checkpoint.reader import CheckpointReader
+    from nvfp4_jax.models import ModelConfigError, get_family
+
+    src, _ = kimi
+    reader = CheckpointReader(src)
+    family = get_family(reader.config)
+    params = {**family.read_layer(reader, 1, jnp.float32),
+              **reader.get_many(family.embed_param_names(reader.names()), jnp.float32)}
+    reader.close()
+    hidden = family.embed(params, np.arange(16, dtype=np.int32).reshape(2, 8), dtype=jnp.float32)
+    plain, s0 = family.layer_forward(1, params, hidden, dtype=jnp.float32)
+    same, _ = family.layer_forward(1, params, hidden, dtype=jnp.float32, input_amax={})
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(plain))
+    o_proj = "model.layers.1.self_attn.o_proj"
+    quant, _ = family.layer_forward(1, params, hidden, dtype=jnp.float32,
+                                    input_amax={o_proj: s0.input_amax[o_proj]})
+    assert not np.allclose(np.asarray(quant), np.asarray(plain), rtol=0, atol=1e-3)
+    with pytest.raises(ModelConfigError, match="no linear"):
+        family.layer_forward(1, params, hidden, input_amax={"model.layers.1.input_layernorm": 1.0})
+    with pytest.raises(ModelConfigError, match="some but not all routed experts"):
+        family.layer_forward(1, params, hidden, input_amax={"model.layers.1.mlp.experts.0.gate_proj": 1.0})
+    with pytest.raises(ModelConfigError, match="no routed expert linear"):
+        family.layer_forward(1, params, hidden, input_amax={"model.layers.1.mlp.experts.99.gate_proj": 1.0})

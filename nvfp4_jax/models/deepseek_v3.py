@@ -16,27 +16,14 @@ renormalized when norm_topk_prob, times routed_scaling_factor. Shared experts ru
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from .common import (
-    Family,
-    ModelConfigError,
-    activation,
-    apply_rope,
-    apply_rope_interleaved,
-    causal_attention,
-    gated_mlp,
-    get_param,
-    proj,
-    rms_norm,
-    rope_cos_sin,
-    rope_inv_freq,
-    rope_parameters,
-    yarn_get_mscale,
-)
+from .attention import causal_attention
+from .family import Family
+from .ops import LayerParams, ModelConfigError, activation, gated_mlp, rms_norm
+from .rope import apply_rope, apply_rope_interleaved, rope_cos_sin, rope_inv_freq, rope_parameters, yarn_get_mscale
 
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm(q_lora_rank) / (kv_lora_rank): default eps, not rms_norm_eps
 
@@ -64,21 +51,21 @@ class DeepseekSpec:
     routed_scaling_factor: float
 
 
-def _mla(spec: DeepseekSpec, p, x, stats):
+def _mla(spec: DeepseekSpec, p: LayerParams, x):
     b, s, _ = x.shape
     nope, rope, vdim = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
     if spec.q_lora_rank is None:
-        q = proj(p, "self_attn.q_proj", x, stats)
+        q = p.linear("self_attn.q_proj", x)
     else:
-        qa = proj(p, "self_attn.q_a_proj", x, stats)
-        qa = rms_norm(qa, get_param(p, "self_attn.q_a_layernorm.weight"), LATENT_NORM_EPS)
-        q = proj(p, "self_attn.q_b_proj", qa, stats)
+        qa = p.linear("self_attn.q_a_proj", x)
+        qa = rms_norm(qa, p["self_attn.q_a_layernorm.weight"], LATENT_NORM_EPS)
+        q = p.linear("self_attn.q_b_proj", qa)
     q = q.reshape(b, s, spec.num_heads, nope + rope)
     q_pass, q_rot = q[..., :nope], q[..., nope:]
 
-    ckv = proj(p, "self_attn.kv_a_proj_with_mqa", x, stats)
+    ckv = p.linear("self_attn.kv_a_proj_with_mqa", x)
     kv_latent, k_rot = ckv[..., :spec.kv_lora_rank], ckv[..., spec.kv_lora_rank:]
-    kv_latent = rms_norm(kv_latent, get_param(p, "self_attn.kv_a_layernorm.weight"), LATENT_NORM_EPS)
+    kv_latent = rms_norm(kv_latent, p["self_attn.kv_a_layernorm.weight"], LATENT_NORM_EPS)
     k_rot = k_rot.reshape(b, s, 1, rope)
 
     cos, sin = rope_cos_sin(s, spec.inv_freq, spec.attention_factor, x.dtype)
@@ -87,16 +74,16 @@ def _mla(spec: DeepseekSpec, p, x, stats):
     k_rot = rope_fn(k_rot, cos, sin)
     query = jnp.concatenate([q_pass, q_rot], axis=-1)
 
-    kv = proj(p, "self_attn.kv_b_proj", kv_latent, stats).reshape(b, s, spec.num_heads, nope + vdim)
+    kv = p.linear("self_attn.kv_b_proj", kv_latent).reshape(b, s, spec.num_heads, nope + vdim)
     k_nope, v = kv[..., :nope], kv[..., nope:]
     key = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot, (b, s, spec.num_heads, rope))], axis=-1)
     out = causal_attention(query, key, v, spec.scaling)
-    return proj(p, "self_attn.o_proj", out.reshape(b, s, spec.num_heads * vdim), stats)
+    return p.linear("self_attn.o_proj", out.reshape(b, s, spec.num_heads * vdim))
 
 
-def _attention_block(spec, p, hidden, stats):
-    x = rms_norm(hidden, get_param(p, "input_layernorm.weight"), spec.eps)
-    return (hidden + _mla(spec, p, x, stats)).astype(hidden.dtype)
+def _attention_block(spec, p: LayerParams, hidden):
+    x = rms_norm(hidden, p["input_layernorm.weight"], spec.eps)
+    return (hidden + _mla(spec, p, x)).astype(hidden.dtype)
 
 
 def route_sigmoid_grouped(spec: DeepseekSpec, x_tokens, gate_w, bias):
@@ -189,28 +176,21 @@ class DeepseekV3Family(Family):
             return jnp.float32
         return compute_dtype
 
-    def config_findings(self) -> list[str]:
-        """Keys serving engines need that this config.json lacks (SPEC section 6)."""
-        missing = [k for k in ("topk_method", "scoring_func", "moe_layer_freq") if k not in self.config]
-        return [f"config.json lacks {k!r} (vLLM and SGLang need it for DeepSeek-V3/Kimi-K2)" for k in missing]
-
     @staticmethod
     def _dense_layer(spec, p, hidden, sliding_window):
-        stats = {}
-        hidden = _attention_block(spec, p, hidden, stats)
-        x = rms_norm(hidden, get_param(p, "post_attention_layernorm.weight"), spec.eps)
-        mlp = gated_mlp(p, "mlp.", x, activation(spec.act), stats)
-        return (hidden + mlp).astype(hidden.dtype), stats
+        hidden = _attention_block(spec, p, hidden)
+        x = rms_norm(hidden, p["post_attention_layernorm.weight"], spec.eps)
+        mlp = gated_mlp(p, "mlp.", x, activation(spec.act))
+        return (hidden + mlp).astype(hidden.dtype)
 
     @staticmethod
     def _moe_pre(spec, p, hidden, sliding_window):
-        stats = {}
-        hidden = _attention_block(spec, p, hidden, stats)
-        x = rms_norm(hidden, get_param(p, "post_attention_layernorm.weight"), spec.eps)
+        hidden = _attention_block(spec, p, hidden)
+        x = rms_norm(hidden, p["post_attention_layernorm.weight"], spec.eps)
         x_tokens = x.reshape(-1, x.shape[-1])
-        ids, w = route_sigmoid_grouped(spec, x_tokens, get_param(p, "mlp.gate.weight"),
-                                       p.get("mlp.gate.e_score_correction_bias"))
+        ids, w = route_sigmoid_grouped(spec, x_tokens, p["mlp.gate.weight"],
+                                       p.optional("mlp.gate.e_score_correction_bias"))
         shared = None
         if "mlp.shared_experts.gate_proj.weight" in p:
-            shared = gated_mlp(p, "mlp.shared_experts.", x_tokens, activation(spec.act), stats)
-        return hidden, x_tokens, ids, w, shared, stats
+            shared = gated_mlp(p, "mlp.shared_experts.", x_tokens, activation(spec.act))
+        return hidden, x_tokens, ids, w, shared

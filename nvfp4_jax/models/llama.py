@@ -10,7 +10,7 @@ Example (tiny random weights, names as in a checkpoint):
     fam = get_family(config)                       # config: dict from config.json
     h = fam.embed(params, input_ids, dtype=jnp.float32)
     h, stats = fam.layer_forward(0, params, h, dtype=jnp.float32)
-    stats["input_amax"]["model.layers.0.self_attn.q_proj"]   # f32[]
+    stats.input_amax["model.layers.0.self_attn.q_proj"]   # f32[]
 """
 
 from __future__ import annotations
@@ -18,22 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax.numpy as jnp
-
-from .common import (
-    Family,
-    ModelConfigError,
-    activation,
-    apply_rope,
-    causal_attention,
-    gated_mlp,
-    get_param,
-    proj,
-    rms_norm,
-    rope_cos_sin,
-    rope_inv_freq,
-    rope_parameters,
-)
+from .attention import causal_attention
+from .family import Family
+from .ops import LayerParams, ModelConfigError, activation, gated_mlp, rms_norm
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,25 +56,25 @@ def llama_spec_fields(config: Mapping[str, Any]) -> dict:
     )
 
 
-def gqa_attention(spec, p, x, sliding_window, stats):
+def gqa_attention(spec, p: LayerParams, x, sliding_window):
     """self_attn block on the normed input x [B, S, H]; returns o_proj output [B, S, H]."""
     b, s, _ = x.shape
-    q = proj(p, "self_attn.q_proj", x, stats).reshape(b, s, -1, spec.head_dim)
-    k = proj(p, "self_attn.k_proj", x, stats).reshape(b, s, -1, spec.head_dim)
-    v = proj(p, "self_attn.v_proj", x, stats).reshape(b, s, -1, spec.head_dim)
+    q = p.linear("self_attn.q_proj", x).reshape(b, s, -1, spec.head_dim)
+    k = p.linear("self_attn.k_proj", x).reshape(b, s, -1, spec.head_dim)
+    v = p.linear("self_attn.v_proj", x).reshape(b, s, -1, spec.head_dim)
     if "self_attn.q_norm.weight" in p:  # Qwen3: RMSNorm over head_dim before RoPE
         q = rms_norm(q, p["self_attn.q_norm.weight"], spec.eps)
-        k = rms_norm(k, get_param(p, "self_attn.k_norm.weight"), spec.eps)
+        k = rms_norm(k, p["self_attn.k_norm.weight"], spec.eps)
     cos, sin = rope_cos_sin(s, spec.inv_freq, spec.attention_factor, x.dtype)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     out = causal_attention(q, k, v, spec.head_dim ** -0.5, sliding_window)
-    return proj(p, "self_attn.o_proj", out.reshape(b, s, -1), stats)
+    return p.linear("self_attn.o_proj", out.reshape(b, s, -1))
 
 
-def attention_block(spec, p, hidden, sliding_window, stats):
-    x = rms_norm(hidden, get_param(p, "input_layernorm.weight"), spec.eps)
-    return (hidden + gqa_attention(spec, p, x, sliding_window, stats)).astype(hidden.dtype)
+def attention_block(spec, p: LayerParams, hidden, sliding_window):
+    x = rms_norm(hidden, p["input_layernorm.weight"], spec.eps)
+    return (hidden + gqa_attention(spec, p, x, sliding_window)).astype(hidden.dtype)
 
 
 class LlamaFamily(Family):
@@ -100,11 +88,10 @@ class LlamaFamily(Family):
 
     @staticmethod
     def _dense_layer(spec, p, hidden, sliding_window):
-        stats = {}
-        hidden = attention_block(spec, p, hidden, sliding_window, stats)
-        x = rms_norm(hidden, get_param(p, "post_attention_layernorm.weight"), spec.eps)
-        mlp = gated_mlp(p, "mlp.", x, activation(spec.act), stats)
-        return (hidden + mlp).astype(hidden.dtype), stats
+        hidden = attention_block(spec, p, hidden, sliding_window)
+        x = rms_norm(hidden, p["post_attention_layernorm.weight"], spec.eps)
+        mlp = gated_mlp(p, "mlp.", x, activation(spec.act))
+        return (hidden + mlp).astype(hidden.dtype)
 
     def sliding_window(self, layer: int) -> int | None:
         return sliding_window_for(self.config, layer)

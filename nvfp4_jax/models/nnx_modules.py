@@ -15,10 +15,8 @@ users who want the usual Flax workflow (`nnx.state`, `nnx.split` / `nnx.merge`, 
 `family.forward(model.param_dict(), ids, dtype=model.dtype)` is the functional equivalent of
 `model(ids)`; `nnx.state(model)` holds exactly these tensors (a tied lm_head adds nothing).
 
-Statistics may carry strings (the routed-experts "prefix" of a MoE layer); the dicts holding them
-are returned as `StaticStrDict` (a `dict` whose strings are pytree metadata, not leaves), which lets
-`nnx.jit(model)(ids)` return them. They compare equal to the plain dicts `family.layer_forward`
-returns.
+The statistics are `LayerStats` pytrees whose names are static metadata, so `nnx.jit(model)(ids)`
+returns them as well.
 """
 
 from __future__ import annotations
@@ -30,55 +28,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Family, LayerStats, ModelConfigError
+from .family import Family
+from .ops import ModelConfigError
 from .registry import get_family
+from .stats import LayerStats
 
-__all__ = ["CausalLM", "DecoderLayer", "StaticStrDict"]
-
-
-# ----------------------------------------------------------------------------------------------
-# stats that survive jit outputs
-
-
-class StaticStrDict(dict):
-    """A dict whose `str` values are pytree aux data (static) and whose other values are children.
-
-    jax.jit / nnx.jit outputs may only hold arrays; LayerStats of MoE layers hold one string
-    (stats["experts"]["prefix"]). Wrapping such dicts in this type makes them valid jit outputs
-    while they still compare equal to (and behave as) the plain dict.
-    """
-
-
-def _static_str_flatten(d: StaticStrDict):
-    keys = sorted(k for k, v in d.items() if not isinstance(v, str))
-    static = tuple(sorted((k, v) for k, v in d.items() if isinstance(v, str)))
-    return [(jax.tree_util.DictKey(k), d[k]) for k in keys], (tuple(keys), static)
-
-
-def _static_str_flatten_plain(d: StaticStrDict):
-    children, aux = _static_str_flatten(d)
-    return [v for _, v in children], aux
-
-
-def _static_str_unflatten(aux, children):
-    keys, static = aux
-    out = StaticStrDict(zip(keys, children))
-    out.update(static)
-    return out
-
-
-jax.tree_util.register_pytree_with_keys(
-    StaticStrDict, _static_str_flatten, _static_str_unflatten, flatten_func=_static_str_flatten_plain)
-
-
-def _jit_safe(tree):
-    """`tree` with every dict that holds a str turned into a StaticStrDict (recursively)."""
-    if isinstance(tree, dict):
-        out = {k: _jit_safe(v) for k, v in tree.items()}
-        return StaticStrDict(out) if any(isinstance(v, str) for v in out.values()) else out
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_jit_safe(v) for v in tree)
-    return tree
+__all__ = ["CausalLM", "DecoderLayer"]
 
 
 def _values(d: nnx.Dict) -> dict[str, jax.Array]:
@@ -110,7 +65,7 @@ class DecoderLayer(nnx.Module):
       >>> layer.params['model.layers.0.self_attn.q_proj.weight'].shape
       (128, 128)
       >>> hidden, stats = layer(jnp.ones((1, 8, 128), jnp.float32))
-      >>> hidden.shape, sorted(stats['input_amax'])[0]
+      >>> hidden.shape, sorted(stats.input_amax)[0]
       ((1, 8, 128), 'model.layers.0.mlp.down_proj')
       >>> len(nnx.state(layer, nnx.Param)['params'])  # the layer's 9 checkpoint tensors
       9
@@ -148,13 +103,9 @@ class DecoderLayer(nnx.Module):
         """{checkpoint name: array} of this layer, as `family.read_layer` returns it."""
         return _values(self.params)
 
-    def __call__(self, hidden: jax.Array, *, return_routing: bool = False,
-                 expert_chunk_size: int | None = None) -> tuple[jax.Array, LayerStats]:
+    def __call__(self, hidden: jax.Array) -> tuple[jax.Array, LayerStats]:
         """hidden [B, S, H] -> (hidden [B, S, H] in `dtype`, LayerStats); see family.layer_forward."""
-        out, stats = self.family.layer_forward(
-            self.layer, self.param_dict(), hidden, dtype=self.dtype,
-            return_routing=return_routing, expert_chunk_size=expert_chunk_size)
-        return out, _jit_safe(stats)
+        return self.family.layer_forward(self.layer, self.param_dict(), hidden, dtype=self.dtype)
 
 
 class CausalLM(nnx.Module):
@@ -246,11 +197,11 @@ class CausalLM(nnx.Module):
         """hidden [B, S, H] -> logits [B, S, V] (final norm + lm_head)."""
         return self.family.head(_values(self.params), hidden)
 
-    def __call__(self, input_ids, *, return_routing: bool = False) -> tuple[jax.Array, list[LayerStats]]:
+    def __call__(self, input_ids) -> tuple[jax.Array, list[LayerStats]]:
         hidden = self.embed(input_ids)
         all_stats = []
         for layer in self.layers:
-            hidden, stats = layer(hidden, return_routing=return_routing)
+            hidden, stats = layer(hidden)
             all_stats.append(stats)
         return self.head(hidden), all_stats
 

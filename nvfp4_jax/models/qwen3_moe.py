@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .common import ModelConfigError, get_param, linear, rms_norm
+from .ops import ModelConfigError, linear, rms_norm
 from .llama import LlamaFamily, LlamaSpec, attention_block, llama_spec_fields
 
 
@@ -39,14 +39,13 @@ class Qwen3MoeFamily(LlamaFamily):
 
     @staticmethod
     def _moe_pre(spec, p, hidden, sliding_window):
-        stats = {}
-        hidden = attention_block(spec, p, hidden, sliding_window, stats)
-        x = rms_norm(hidden, get_param(p, "post_attention_layernorm.weight"), spec.eps)
+        hidden = attention_block(spec, p, hidden, sliding_window)
+        x = rms_norm(hidden, p["post_attention_layernorm.weight"], spec.eps)
         x_tokens = x.reshape(-1, x.shape[-1])
-        logits = linear(x_tokens, get_param(p, "mlp.gate.weight"))
+        logits = linear(x_tokens, p["mlp.gate.weight"])
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         top_w, top_ids = jax.lax.top_k(probs, spec.top_k)
         if spec.norm_topk_prob:
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
         top_w = top_w.astype(hidden.dtype)
-        return hidden, x_tokens, top_ids.astype(jnp.int32), top_w, None, stats
+        return hidden, x_tokens, top_ids.astype(jnp.int32), top_w, None

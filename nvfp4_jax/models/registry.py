@@ -6,7 +6,8 @@ from typing import Any, Mapping
 
 from nvfp4_jax.families import spec_for_model_type, supported_model_types
 
-from .common import Family, ModelConfigError
+from .family import Family
+from .ops import ModelConfigError
 from .deepseek_v3 import DeepseekV3Family
 from .llama import LlamaFamily
 from .qwen3_moe import Qwen3MoeFamily

@@ -1,0 +1,222 @@
+"""`Family`: the base of the model families, a config.json bound to the names of its tensors and
+one jitted forward per layer kind.
+
+Each layer kind compiles once: the static spec and the pytree structure of the layer's tensors
+(local names, prefix removed) are the same for every layer of a kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from .moe import ExpertNames, combine_experts, run_experts, sort_by_expert
+from .ops import LayerParams, ModelConfigError, Params, linear, rms_norm
+from .stats import LayerStats, RoutedExpertStats
+
+_EXPERTS = "mlp.experts."
+
+
+def _run_dense(layer_fn, spec, params, input_amax, hidden, sliding_window):
+    p = LayerParams(params, input_amax)
+    hidden = layer_fn(spec, p, hidden, sliding_window)
+    p.check_input_amax_used()  # at trace time: once per set of names
+    return hidden, p.observed
+
+
+_run_dense_jit = jax.jit(_run_dense, static_argnames=("layer_fn", "spec", "sliding_window"))
+
+
+def _moe_pre(pre_fn, spec, params, input_amax, hidden, sliding_window):
+    p = LayerParams(params, input_amax)
+    h_resid, x_tokens, topk_ids, topk_w, shared_out = pre_fn(spec, p, hidden, sliding_window)
+    p.check_input_amax_used()
+    dispatch = sort_by_expert(x_tokens, topk_ids, spec.num_experts)
+    return (h_resid, topk_ids, topk_w, shared_out), p.observed, dispatch
+
+
+_moe_pre_jit = jax.jit(_moe_pre, static_argnames=("pre_fn", "spec", "sliding_window"))
+
+
+def _moe_post(h_resid, y_sorted, order, topk_ids, topk_w, shared_out):
+    dtype = h_resid.dtype
+    moe = combine_experts(y_sorted, order, topk_ids, topk_w, dtype)
+    if shared_out is not None:
+        moe = (moe + shared_out).astype(dtype)
+    return (h_resid + moe.reshape(h_resid.shape)).astype(dtype)
+
+
+_moe_post_jit = jax.jit(_moe_post)
+
+
+def _embed(w, input_ids, dtype):
+    return jnp.take(w, input_ids, axis=0).astype(dtype)
+
+
+_embed_jit = jax.jit(_embed, static_argnames=("dtype",))
+
+
+def _head(norm_w, lm_w, hidden, eps):
+    return linear(rms_norm(hidden, norm_w, eps), lm_w)
+
+
+_head_jit = jax.jit(_head, static_argnames=("eps",))
+
+
+def _local(names: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {n[len(prefix):]: v for n, v in names.items() if n.startswith(prefix)}
+
+
+class Family:
+    """A model family bound to one config.json: names of its tensors plus one forward per layer kind.
+
+    Subclasses set `name`, build a hashable `spec` (static hyperparameters) and implement, as
+    static methods over a `LayerParams` p (local names):
+    `_dense_layer(spec, p, hidden, sliding_window) -> hidden` and, for MoE families,
+    `_moe_pre(spec, p, hidden, sliding_window) -> (h_resid, x_tokens [T,H], topk_ids [T,k],
+    topk_weights [T,k], shared_out [T,H] | None)`. The linears they apply through `p.linear` are
+    the layer's statistics.
+    """
+
+    name: str = ""
+    _dense_layer: Callable
+    _moe_pre: Callable | None = None
+    # routed experts stacked at once for one grouped matmul; None: as many as fit
+    # moe.EXPERT_STACK_BYTES (2 GiB), which bounds the extra memory of stacking
+    expert_chunk_size: int | None = None
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = dict(config)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if self.config.get(key) is None:
+                raise ModelConfigError(f"config.json has no {key!r}, which the {self.name} family needs")
+        self.spec = self._make_spec(self.config)
+
+    # -- names -----------------------------------------------------------------------------
+    def num_layers(self, config: Mapping[str, Any] | None = None) -> int:
+        return int((config or self.config)["num_hidden_layers"])
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}."
+
+    def layer_param_names(self, layer: int, all_names) -> list[str]:
+        """Checkpoint tensor names that belong to decoder layer `layer`."""
+        prefix = self.layer_prefix(layer)
+        return [n for n in all_names if n.startswith(prefix)]
+
+    def _decoder_layer_of(self, name: str) -> int | None:
+        if not name.startswith("model.layers."):
+            return None
+        part = name[len("model.layers."):].split(".", 1)[0]
+        return int(part) if part.isdigit() else None
+
+    def embed_param_names(self, all_names=None) -> list[str]:
+        return ["model.embed_tokens.weight"]
+
+    def head_param_names(self, all_names=None) -> list[str]:
+        """Tensors `head` reads: the final norm and lm_head (the embedding when tied/absent)."""
+        names = ["model.norm.weight"]
+        if self._tied(all_names):
+            names.append("model.embed_tokens.weight")
+        else:
+            names.append("lm_head.weight")
+        return names
+
+    def _tied(self, all_names=None) -> bool:
+        if self.config.get("tie_word_embeddings", False):
+            return True
+        return all_names is not None and "lm_head.weight" not in set(all_names)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return False
+
+    def layer_kind(self, layer: int) -> str:
+        return "moe" if self.is_moe_layer(layer) else "dense"
+
+    @property
+    def num_experts(self) -> int:
+        return 0
+
+    def param_dtype(self, name: str, compute_dtype=jnp.bfloat16):
+        """dtype `name` should be decoded to for the forward (routers may need float32)."""
+        return compute_dtype
+
+    def sliding_window(self, layer: int) -> int | None:
+        return None
+
+    def read_layer(self, reader, layer: int, dtype=jnp.bfloat16, names=None) -> dict[str, jax.Array]:
+        """Layer `layer`'s tensors from a CheckpointReader, each in param_dtype(name, dtype)."""
+        names = self.layer_param_names(layer, reader.names() if names is None else names)
+        return {n: reader.get(n, dtype=self.param_dtype(n, dtype)) for n in names}
+
+    # -- forward ---------------------------------------------------------------------------
+    def embed(self, params: Params, input_ids, *, dtype=None) -> jax.Array:
+        w = LayerParams(params)["model.embed_tokens.weight"]
+        return _embed_jit(w, jnp.asarray(input_ids, jnp.int32), jnp.dtype(dtype or w.dtype))
+
+    def head(self, params: Params, hidden: jax.Array) -> jax.Array:
+        """Final norm + lm_head -> logits [B, S, V] in hidden's dtype."""
+        p = LayerParams(params)
+        lm = p.optional("lm_head.weight")
+        if lm is None or self.config.get("tie_word_embeddings", False):
+            lm = p["model.embed_tokens.weight"]
+        return _head_jit(p["model.norm.weight"], lm, hidden, float(self.spec.eps))
+
+    def layer_forward(self, layer: int, params: Params, hidden: jax.Array, *, dtype=jnp.bfloat16,
+                      input_amax: Params | None = None) -> tuple[jax.Array, LayerStats]:
+        """Run decoder layer `layer` on hidden [B, S, H] -> (hidden, LayerStats).
+
+        params: checkpoint-named tensors; only the names of this layer are read (the dict may hold
+        more). Routed experts are per-expert tensors, stacked `self.expert_chunk_size` at a time
+        (each chunk runs one grouped matmul over the expert-sorted rows).
+        input_amax (evaluation): {module name: f32[]} of linears whose input is NVFP4
+        fake-quantized with that tensor amax (as an engine serving the checkpoint quantizes it);
+        routed experts are all given or none. Modules of other layers are ignored. The statistics
+        are always those of the unquantized inputs; for a MoE layer they include the routing,
+        stats.experts.topk_ids int32 [B*S, k], ascending per token.
+        """
+        if not 0 <= layer < self.num_layers():
+            raise ModelConfigError(f"layer {layer} is out of range 0..{self.num_layers() - 1}")
+        prefix = self.layer_prefix(layer)
+        hidden = jnp.asarray(hidden).astype(jnp.dtype(dtype))
+        local = _local(params, prefix)
+        if not local:
+            raise ModelConfigError(f"no tensors named {prefix}* in the parameters passed for layer {layer}")
+        local_amax = _local(input_amax or {}, prefix)
+        window = self.sliding_window(layer)
+        if not self.is_moe_layer(layer):
+            if any(n.startswith(_EXPERTS) for n in local):
+                raise ModelConfigError(
+                    f"layer {layer} has routed experts but the config makes it a dense layer "
+                    "(check first_k_dense_replace / moe_layer_freq / decoder_sparse_step / mlp_only_layers)")
+            hidden, observed = _run_dense_jit(type(self)._dense_layer, self.spec, local, local_amax, hidden, window)
+            return hidden, LayerStats({prefix + k: v for k, v in observed.items()})
+        names = ExpertNames(prefix + "mlp.experts", self.spec.num_experts)
+        weights = names.weights(params)
+        in_amax = names.input_amax(input_amax or {})
+        rest = {n: v for n, v in local.items() if not n.startswith(_EXPERTS)}
+        rest_amax = {n: v for n, v in local_amax.items() if not n.startswith(_EXPERTS)}
+        (h_resid, topk_ids, topk_w, shared_out), observed, dispatch = _moe_pre_jit(
+            type(self)._moe_pre, self.spec, rest, rest_amax, hidden, window)
+        y_sorted, down_amax = run_experts(dispatch, weights, in_amax, act_name=self.spec.act,
+                                          chunk_size=self.expert_chunk_size)
+        out = _moe_post_jit(h_resid, y_sorted, dispatch.order, topk_ids, topk_w, shared_out)
+        experts = RoutedExpertStats(
+            names.prefix, dispatch.gate_up_input_amax, down_amax, dispatch.group_sizes,
+            jnp.sort(topk_ids, axis=-1).astype(jnp.int32))
+        return out, LayerStats({prefix + k: v for k, v in observed.items()}, experts)
+
+    def forward(self, params: Params, input_ids, *, dtype=jnp.bfloat16):
+        """Whole model: logits [B, S, V] and the LayerStats of every layer (tests, evaluation)."""
+        hidden = self.embed(params, input_ids, dtype=dtype)
+        all_stats = []
+        for layer in range(self.num_layers()):
+            hidden, stats = self.layer_forward(layer, params, hidden, dtype=dtype)
+            all_stats.append(stats)
+        return self.head(params, hidden), all_stats
+
+    @staticmethod
+    def _make_spec(config):  # pragma: no cover - abstract
+        raise NotImplementedError
