@@ -483,10 +483,11 @@ _RMS_INT4 = 4.64
 _RMS_PATTERN = 0.88
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StoredTensor:
     """One stored tensor of the streamed build: ``fill`` says how its bytes are made (``codes``:
-    random int32 words, every nibble a valid INT4 code; ``scale``: positive bf16 of exponent
+    random int32 words, every nibble a valid INT4 code, uniform over -8..7, so a weight's mean is
+    half a scale below zero, harmless for a benchmark; ``scale``: positive bf16 of exponent
     ``exponent``; ``normal``: zero-mean bf16 of exponents ``exponent``-3..``exponent``; ``small``:
     drawn whole by :func:`_draw`, or ``value``), ``index`` its place in the checkpoint (its seed)."""
 
