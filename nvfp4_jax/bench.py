@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvfp4_jax import numerics
-from nvfp4_jax.errors import NVFP4Error
+from nvfp4_jax.errors import NVFP4Error, UsageError
 
 KIMI_SHAPES = [(2048, 7168), (7168, 2048), (18432, 7168)]
 
@@ -145,6 +145,9 @@ def bench_convert(layers=(1, 2), experts: int = 384, calib=(8, 64), workdir=None
     Returns the rows printed as JSON: one per run (``kind`` "run"), per marginal and the projection.
     Sources and outputs live in ``workdir`` (default: a new temporary directory) and are removed
     after each run unless ``keep``; a source kept there by an earlier run is reused."""
+    if not layers or min(layers) < 1 or experts < 1 or min(calib) < 1:
+        raise UsageError(f"bench convert: --layers (got {list(layers)}), --experts (got {experts}), --calib-samples "
+                         f"and --calib-seq-len (got {calib[0]}, {calib[1]}) must be >= 1")
     work = Path(workdir or tempfile.mkdtemp(prefix="nvfp4-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}  workdir {work}  experts {experts}  calibration {calib[0]}x{calib[1]} tokens",
