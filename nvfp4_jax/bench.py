@@ -3,6 +3,9 @@
 ``bench quantize``: NVFP4 quantization throughput of the JAX path on the default JAX device, the
 torch_bridge reference on the same host (CUDA when available), and a copy baseline in the same
 process: a jitted kernel that reads the same bf16 input and writes an output of the quantized size.
+
+``bench convert``: whole kimi-k2-shaped conversions against ``cp`` of the same files, the marginal
+cost of a MoE layer and a projection for the full Kimi-K2-Thinking (see :func:`bench_convert`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvfp4_jax import numerics
+from nvfp4_jax.errors import NVFP4Error, UsageError
 
 KIMI_SHAPES = [(2048, 7168), (7168, 2048), (18432, 7168)]
 
@@ -126,47 +131,39 @@ def bench_quantize(repeats: int = 3, torch_ref: bool = True, shapes=None) -> lis
     return rows
 
 
-def bench_convert(layers=(1, 2, 4), experts: int = 8, workdir=None) -> list[dict]:
-    """Convert kimi-k2-shaped checkpoints of L layers, each in a fresh process (so peak RSS is per
-    run), and time ``cp -r`` of the same source files in the same command."""
-    import tempfile
+# Kimi-K2-Thinking: layers (layer 0 dense, the rest MoE), routed experts per MoE layer, vocabulary
+KIMI_K2_THINKING = (61, 384, 163840)
 
+
+def bench_convert(layers=(1, 2), experts: int = 384, calib=(8, 64), workdir=None, keep: bool = False) -> list[dict]:
+    """Convert kimi-k2-shaped checkpoints of each L in ``layers`` (layer 0 dense, L - 1 MoE layers
+    of ``experts`` experts) with ``calib`` = (samples, tokens per sample) of calibration, each in a
+    fresh process (so peak RSS is per run), and measure in the same command the ``cp`` of the same
+    files (then ``sync``) and a second read pass (``cat`` to /dev/null: its rate shows whether the
+    source sits in the page cache). With several L: the marginal cost of a MoE layer (an L-layer
+    run minus the smallest run, per extra layer). Then a projection for the whole Kimi-K2-Thinking.
+    Returns the rows printed as JSON: one per run (``kind`` "run"), per marginal and the projection.
+    Sources and outputs live in ``workdir`` (default: a new temporary directory) and are removed
+    after each run unless ``keep``; a source kept there by an earlier run is reused."""
+    if not layers or min(layers) < 1 or experts < 1 or min(calib) < 1:
+        raise UsageError(f"bench convert: --layers (got {list(layers)}), --experts (got {experts}), --calib-samples "
+                         f"and --calib-seq-len (got {calib[0]}, {calib[1]}) must be >= 1")
     work = Path(workdir or tempfile.mkdtemp(prefix="nvfp4-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine()}  workdir {work}")
-    rows = []
-    for nl in layers:
-        src, out, cp_dst = work / f"src-L{nl}", work / f"out-L{nl}", work / f"cp-L{nl}"
-        if not (src / "config.json").exists():
-            from nvfp4_jax.examples import build_kimi_k2_shaped
-
-            build_kimi_k2_shaped(src, layers=nl, experts=experts)
-        src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-        shutil.rmtree(cp_dst, ignore_errors=True)
-        t = time.perf_counter()
-        subprocess.run(["cp", "-r", str(src), str(cp_dst)], check=True)
-        subprocess.run(["sync"], check=False)
-        t_cp = time.perf_counter() - t
-        shutil.rmtree(cp_dst, ignore_errors=True)
-        code = (
-            "import json,sys\n"
-            "from nvfp4_jax.examples import calibration_samples\n"
-            "from nvfp4_jax.pipeline import ConvertOptions, convert\n"
-            f"tok=calibration_samples('{src}/tokenizer.json', 8, 64)\n"
-            f"r=convert('{src}', '{out}', ConvertOptions(calib_tokens=tok, overwrite=True, progress=False), log=lambda m: None)\n"
-            "print('REPORT'+json.dumps(r))\n")
-        t = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        report = json.loads(p.stdout.split("REPORT", 1)[1])
-        row = {"layers": nl, "experts": experts, "source_GB": src_bytes / 1e9, "wall_s": wall,
-               "phases_s": report["time_s"], "peak_rss_MB": report["peak_rss_mb"], "cp_s": t_cp,
-               "source_GBps": src_bytes / 1e9 / wall, "wall_over_cp": wall / t_cp}
-        rows.append(row)
-        print(f"L={nl} E={experts} src {row['source_GB']:.2f} GB  wall {wall:7.2f}s  "
-              f"({row['source_GBps']:.3f} GB/s)  cp {t_cp:6.2f}s  ratio {row['wall_over_cp']:.1f}x  "
-              f"peak RSS {row['peak_rss_MB']:.0f} MB  phases {report['time_s']}", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+    print(f"machine: {machine()}  workdir {work}  experts {experts}  calibration {calib[0]}x{calib[1]} tokens",
+          flush=True)
+    runs = []
+    for nl in sorted(set(layers)):
+        runs.append(_bench_run(work, nl, experts, calib, keep))
+        print(_run_line(runs[-1]), flush=True)
+    marginals = marginal_rows(runs)
+    for m in marginals:
+        print(_marginal_line(m), flush=True)
+    proj = projection_row(runs, marginals, _kimi_thinking_bytes())
+    print(_projection_line(proj), flush=True)
+    if workdir is None and not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = runs + marginals + [proj]
     print(json.dumps(rows, indent=1))
     return rows
 
@@ -207,3 +204,167 @@ def bench_weight_scales(mode: str, repeats: int = 3, shapes=None) -> list[dict]:
               f"  squared error {mode}/max {row['error_ratio']:.4f}", flush=True)
     print(json.dumps(rows, indent=1))
     return rows
+
+
+def _timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def _bench_run(work: Path, nl: int, experts: int, calib, keep: bool) -> dict:
+    from nvfp4_jax.examples import build_kimi_k2_shaped
+
+    src, out, cp_dst = work / f"src-L{nl}-E{experts}", work / f"out-L{nl}-E{experts}", work / f"cp-L{nl}-E{experts}"
+    build_s = None
+    if not src.is_dir():  # built aside and renamed: a directory there is complete
+        partial = src.with_name(src.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        t = time.perf_counter()
+        build_kimi_k2_shaped(partial, layers=nl, experts=experts)
+        build_s = time.perf_counter() - t
+        partial.rename(src)
+    files = sorted(str(p) for p in src.iterdir() if p.is_file())
+    src_bytes = sum(Path(f).stat().st_size for f in files)
+    shutil.rmtree(cp_dst, ignore_errors=True)
+    subprocess.run(["sync"], check=False)  # the build's own writes are not the copy's to flush
+    t = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(cp_dst)], check=True)
+    subprocess.run(["sync"], check=False)
+    cp_s = time.perf_counter() - t
+    shutil.rmtree(cp_dst, ignore_errors=True)
+    cat_s = _timed(["cat", *files])
+    wall, report = _convert_in_child(src, out, calib)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(src, ignore_errors=True)
+    phases = report["time_s"]
+    overlap = report.get("overlap", phases.get("overlap"))
+    phase_sum = sum(v for k, v in phases.items() if k not in ("total", "overlap") and isinstance(v, (int, float)))
+    gb = src_bytes / 1e9
+    return {"kind": "run", "layers": nl, "moe_layers": nl - 1, "experts": experts,
+            "calib_samples": calib[0], "calib_seq_len": calib[1], "source_GB": gb,
+            "build_s": build_s, "build_GBps": gb / build_s if build_s else None,
+            "cp_s": cp_s, "cp_GBps": gb / cp_s, "cat_s": cat_s, "cat_GBps": gb / cat_s,
+            "wall_s": wall, "source_GBps": gb / wall, "wall_over_cp": wall / cp_s,
+            "phases_s": phases, "phase_sum_s": phase_sum, "overlap": overlap, "peak_rss_MB": report["peak_rss_mb"]}
+
+
+def _convert_in_child(src: Path, out: Path, calib) -> tuple[float, dict]:
+    """Wall time (interpreter start included) and run report of a conversion in a new process."""
+    code = "import sys; from nvfp4_jax.bench import _convert_child; _convert_child(sys.argv[1:])"
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code, str(src), str(out), str(calib[0]), str(calib[1])],
+                       capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0 or "REPORT" not in p.stdout:
+        tail = " | ".join(p.stderr.strip().splitlines()[-5:])
+        raise NVFP4Error(f"bench convert: converting {src} failed (exit {p.returncode}): {tail}")
+    return wall, json.loads(p.stdout.split("REPORT", 1)[1])
+
+
+def _convert_child(argv: list[str]) -> None:
+    """The conversion of one bench run: ``argv`` = src, out, samples, tokens per sample."""
+    from nvfp4_jax.examples import calibration_samples
+    from nvfp4_jax.pipeline import ConvertOptions, convert
+
+    src, out, samples, seq_len = argv
+    tokens = calibration_samples(src, int(samples), int(seq_len))
+    report = convert(src, out, ConvertOptions(calib_tokens=tokens, overwrite=True, progress=False), log=lambda m: None)
+    print("REPORT" + json.dumps(report))
+
+
+def _numeric(d: dict) -> dict:
+    return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def marginal_rows(runs: list[dict]) -> list[dict]:
+    """Per extra MoE layer, for every run against the run with the fewest layers: the difference
+    of source bytes, wall, ``cp``, ``cat`` and each phase, divided by the extra layers."""
+    base = min(runs, key=lambda r: r["layers"])
+    out = []
+    for r in sorted(runs, key=lambda r: r["layers"]):
+        extra = r["layers"] - base["layers"]
+        if extra <= 0:
+            continue
+        per = {k: (r[k] - base[k]) / extra for k in ("source_GB", "wall_s", "cp_s", "cat_s")}
+        b_phases, r_phases = _numeric(base["phases_s"]), _numeric(r["phases_s"])
+        per["phases_s"] = {k: (r_phases[k] - b_phases[k]) / extra for k in r_phases if k in b_phases}
+        out.append({"kind": "marginal", "from_layers": base["layers"], "to_layers": r["layers"],
+                    "experts": r["experts"], "per_moe_layer": per,
+                    "wall_over_cp": per["wall_s"] / per["cp_s"] if per["cp_s"] > 0 else None,
+                    "source_GBps": per["source_GB"] / per["wall_s"] if per["wall_s"] > 0 else None})
+    return out
+
+
+def projection_row(runs: list[dict], marginals: list[dict], full_bytes: int) -> dict:
+    """Kimi-K2-Thinking (``full_bytes`` of source) from the measured figures: the smallest run
+    plus the rest of the model's bytes at the marginal seconds per byte of the widest marginal
+    (so a MoE layer of 384 experts counts 384/E of a measured one, by its bytes, and the real
+    vocabulary's embeddings at the same rate); with a single run, that run scaled by bytes (its
+    fixed costs scaled too: an overestimate)."""
+    base = min(runs, key=lambda r: r["layers"])
+    base_bytes = base["source_GB"] * 1e9
+    if marginals:
+        m = max(marginals, key=lambda m: m["to_layers"])
+        per, per_bytes = m["per_moe_layer"], m["per_moe_layer"]["source_GB"] * 1e9
+        extra = full_bytes - base_bytes
+
+        def project(at_base: float, marginal: float) -> float:
+            return at_base + extra * marginal / per_bytes
+
+        basis = (f"L={base['layers']} run + the other {extra / 1e9:.1f} GB at the marginal s/GB of "
+                 f"L={m['from_layers']}->{m['to_layers']}")
+        phases = {k: project(v, per["phases_s"][k]) for k, v in _numeric(base["phases_s"]).items()
+                  if k in per["phases_s"]}
+        wall, cp = project(base["wall_s"], per["wall_s"]), project(base["cp_s"], per["cp_s"])
+    else:
+        scale = full_bytes / base_bytes
+        basis = f"the L={base['layers']} run scaled by bytes x{scale:.1f} (fixed costs scaled too)"
+        phases = {k: v * scale for k, v in _numeric(base["phases_s"]).items()}
+        wall, cp = base["wall_s"] * scale, base["cp_s"] * scale
+    layers, experts, _ = KIMI_K2_THINKING
+    if base["experts"] != experts:
+        basis += (f"; measured at {base['experts']} experts, not {experts}: per-byte scaling carries that "
+                  "layer's fixed costs, a rough upper figure")
+    return {"kind": "projection", "model": "Kimi-K2-Thinking", "layers": layers, "moe_layers": layers - 1,
+            "experts": experts, "measured_experts": base["experts"], "calib_samples": base["calib_samples"],
+            "calib_seq_len": base["calib_seq_len"], "source_GB": full_bytes / 1e9, "wall_s": wall,
+            "cp_s": cp, "wall_over_cp": wall / cp if cp > 0 else None, "phases_s": phases, "basis": basis}
+
+
+def _kimi_thinking_bytes() -> int:
+    from nvfp4_jax.examples import kimi_k2_shaped_config, kimi_k2_source_bytes
+
+    return kimi_k2_source_bytes(kimi_k2_shaped_config(*KIMI_K2_THINKING))
+
+
+def _phases_text(phases: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in _numeric(phases).items())
+
+
+def _run_line(r: dict) -> str:
+    built = f"built in {r['build_s']:.1f} s ({r['build_GBps']:.2f} GB/s)" if r["build_s"] else "reused"
+    overlap = "" if r["overlap"] is None else f"  overlap {json.dumps(r['overlap'])}"
+    return (f"L={r['layers']} (1 dense + {r['moe_layers']} MoE) E={r['experts']}: source {r['source_GB']:.2f} GB, "
+            f"{built}; cp+sync {r['cp_s']:.2f} s ({r['cp_GBps']:.2f} GB/s); read again (cat) {r['cat_s']:.2f} s "
+            f"({r['cat_GBps']:.2f} GB/s)\n"
+            f"  convert wall {r['wall_s']:.2f} s = {r['wall_over_cp']:.1f}x cp, {r['source_GBps']:.3f} GB/s of source; "
+            f"phases (s) {_phases_text(r['phases_s'])}; phase sum {r['phase_sum_s']:.2f} s{overlap}; "
+            f"peak RSS {r['peak_rss_MB']:.0f} MB")
+
+
+def _marginal_line(m: dict) -> str:
+    per = m["per_moe_layer"]
+    ratio = "n/a" if m["wall_over_cp"] is None else f"{m['wall_over_cp']:.1f}x"
+    return (f"per MoE layer of {m['experts']} experts (L={m['from_layers']} -> {m['to_layers']}): "
+            f"{per['source_GB']:.2f} GB, wall {per['wall_s']:.2f} s vs cp {per['cp_s']:.2f} s ({ratio}), "
+            f"cat {per['cat_s']:.2f} s; phases (s) {_phases_text(per['phases_s'])}")
+
+
+def _projection_line(p: dict) -> str:
+    ratio = "n/a" if p["wall_over_cp"] is None else f"{p['wall_over_cp']:.1f}x"
+    return (f"projection, {p['model']} ({p['layers']} layers: 1 dense + {p['moe_layers']} MoE x {p['experts']} experts, "
+            f"{p['source_GB']:.1f} GB; calibration {p['calib_samples']}x{p['calib_seq_len']}): convert "
+            f"{p['wall_s'] / 60:.1f} min, cp {p['cp_s'] / 60:.1f} min ({ratio}); phases (min) "
+            f"{', '.join(f'{k} {v / 60:.1f}' for k, v in p['phases_s'].items())}; basis: {p['basis']}")

@@ -102,7 +102,8 @@ def cmd_bench(args) -> int:
     elif args.what == "quantize":
         bench.bench_quantize(repeats=args.repeats, torch_ref=not args.no_torch, shapes=args.shape)
     else:
-        bench.bench_convert(layers=args.layers, experts=args.experts, workdir=args.workdir)
+        bench.bench_convert(layers=args.layers, experts=args.experts, calib=(args.calib_samples, args.calib_seq_len),
+                            workdir=args.workdir, keep=args.keep)
     return 0
 
 
@@ -196,11 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shape", action="append", help="quantize: NxK, repeatable (default: Kimi-K2 shapes)")
     b.add_argument("--weight-scales", choices=["mse", "four-over-six", "local-hessian"], default=None,
                    help="quantize: time this weight-scale mode against max on the same tensors")
-    b.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4],
-                   help="convert: decoder layers of each checkpoint")
-    b.add_argument("--experts", type=int, default=8, help="convert: routed experts per layer")
+    b.add_argument("--layers", type=int, nargs="+", default=[1, 2],
+                   help="convert: decoder layers of each checkpoint (layer 0 dense, the rest MoE); "
+                        "several give the marginal cost of a MoE layer")
+    b.add_argument("--experts", type=int, default=384, help="convert: routed experts per MoE layer")
+    b.add_argument("--calib-samples", type=int, default=8, help="convert: calibration samples")
+    b.add_argument("--calib-seq-len", type=int, default=64, help="convert: tokens per calibration sample")
     b.add_argument("--workdir", default=None,
                    help="convert: where sources and outputs go (default: a new temp dir)")
+    b.add_argument("--keep", action="store_true",
+                   help="convert: keep sources and outputs in the workdir (a kept source is reused)")
     b.set_defaults(func=cmd_bench)
 
     x = _subcommand(sub, "example", "build a built-in example model, convert and verify it")
@@ -213,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
     x.add_argument("--format", choices=["modelopt", "compressed-tensors"], default="modelopt",
                    help="output checkpoint format")
-    x.add_argument("--layers", type=int, default=2, help="kimi-k2-shaped only: decoder layers")
+    x.add_argument("--layers", type=int, default=2, help="kimi-k2-shaped only: decoder layers (layer 0 dense)")
     x.add_argument("--experts", type=int, default=8, help="kimi-k2-shaped only: routed experts per layer")
     x.set_defaults(func=cmd_example)
     return p

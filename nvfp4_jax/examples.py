@@ -6,7 +6,9 @@
   sigmoid router with ``e_score_correction_bias``; routed experts stored as compressed-tensors
   ``pack-quantized`` INT4 (group 32, symmetric) as in Kimi-K2-Thinking; everything else bf16.
 * ``kimi-k2-shaped``: Kimi-K2's real tensor sizes (hidden 7168, expert intermediate 2048, dense
-  intermediate 18432, MLA ranks 1536/512) with fewer layers and experts, for benchmarks.
+  intermediate 18432, MLA ranks 1536/512), layer 0 dense and the rest MoE, up to the real 384
+  experts, for benchmarks: random INT4 codes, scales and bf16 bit patterns streamed to the shards
+  (fast, memory bounded), instead of float draws quantized as the tiny examples do.
 
 ``llama-tiny`` carries a byte-level ``tokenizer.json`` (256 byte tokens + specials). The Kimi examples
 carry Moonshot's file set instead (no ``tokenizer.json``): ``tiktoken.model`` (a small seeded BPE
@@ -19,15 +21,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from nvfp4_jax.calib_data import check_sizes, load_tokenizer
-from nvfp4_jax.checkpoint.safetensors_io import save_file
+from nvfp4_jax.checkpoint.safetensors_io import encode_header, save_file, st_dtype
 
 BF16 = ml_dtypes.bfloat16
 INT4_GROUP = 32
@@ -265,14 +270,24 @@ def int4_pack(w: np.ndarray, group: int = INT4_GROUP) -> dict[str, np.ndarray]:
 
 def _write(path: Path, tensors: dict[str, np.ndarray], config: dict, shard_bytes: float = 2e9,
            total_digits: int = 5) -> None:
+    def write_shard(file: Path, names: list[str]) -> None:
+        save_file(file, {n: tensors[n] for n in names}, {"format": "pt"})
+
+    _write_shards(path, config, {n: t.nbytes for n, t in tensors.items()}, write_shard, (shard_bytes, total_digits))
+
+
+def _write_shards(path: Path, config: dict, sizes: dict[str, int], write_shard, layout: tuple[float, int]) -> None:
+    """config.json, generation_config.json and the tensors of ``sizes`` (name -> bytes, in file
+    order) cut into shards of at most ``layout[0]`` bytes (a larger tensor gets one of its own),
+    named with a ``layout[1]``-digit total; ``write_shard(file, names)`` writes each file. One
+    shard is ``model.safetensors`` without an index."""
+    shard_bytes, total_digits = layout
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}, indent=2))
-    names = list(tensors)
     shards, cur, size = [], [], 0
-    for n in names:
-        nb = tensors[n].nbytes
+    for n, nb in sizes.items():
         if cur and size + nb > shard_bytes:
             shards.append(cur)
             cur, size = [], 0
@@ -280,15 +295,15 @@ def _write(path: Path, tensors: dict[str, np.ndarray], config: dict, shard_bytes
         size += nb
     shards.append(cur)
     if len(shards) == 1:
-        save_file(path / "model.safetensors", {n: tensors[n] for n in shards[0]}, {"format": "pt"})
+        write_shard(path / "model.safetensors", shards[0])
         return
     weight_map = {}
-    for i, s in enumerate(shards, 1):
+    for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):0{total_digits}d}.safetensors"
-        save_file(path / fname, {n: tensors[n] for n in s}, {"format": "pt"})
-        weight_map.update({n: fname for n in s})
+        write_shard(path / fname, names)
+        weight_map.update({n: fname for n in names})
     (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}, indent=2))
+        {"metadata": {"total_size": int(sum(sizes.values()))}, "weight_map": weight_map}, indent=2))
 
 
 def llama_tiny_config(vocab: int = 259) -> dict:
@@ -367,48 +382,85 @@ def kimi_k2_config(*, hidden=128, intermediate=256, moe_intermediate=64, layers=
     }
 
 
-def build_kimi_k2(path, cfg: dict, seed: int = 0, std: float = 0.02) -> Path:
-    """Write a DeepSeek-V3/Kimi-K2 checkpoint for ``cfg`` with seeded random weights, laid out as
-    Moonshot ships it: routed experts as INT4 pack-quantized, everything else bf16, tokenizer files
-    as :func:`kimi_tokenizer_files` writes them."""
-    path = Path(path)
-    rng = np.random.default_rng(seed)
+@dataclass(frozen=True)
+class KimiTensor:
+    """One tensor of a Kimi-K2 checkpoint before it is drawn: ``name`` (for an INT4 routed expert
+    the module, whose ``weight_packed``/``weight_scale``/``weight_shape`` are stored), ``shape``
+    (the decoded weight's), ``kind`` (``ones``, ``norm``: 1 + noise of ``std``, ``normal``: zero
+    mean and ``std``, ``bias``: the router's float32 correction bias, ``int4``) and ``std``."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    std: float = 0.0
+
+
+def kimi_k2_tensors(cfg: dict, std: float = 0.02) -> list[KimiTensor]:
+    """Every tensor of a Kimi-K2 checkpoint for ``cfg``, in file order, as Moonshot ships it:
+    routed experts INT4, everything else bf16 (the router's bias float32)."""
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     heads, nope, rope, vh = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
     ql, kvl = cfg["q_lora_rank"], cfg["kv_lora_rank"]
     mi, di, ne = cfg["moe_intermediate_size"], cfg["intermediate_size"], cfg["n_routed_experts"]
-    t = {"model.embed_tokens.weight": _normal(rng, (v, h), 1.0), "model.norm.weight": np.ones(h, BF16),
-         "lm_head.weight": _normal(rng, (v, h), std)}
-    for l in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{l}."
-        norm = lambda n: (1 + _normal(rng, (n,), 0.1).astype(np.float32)).astype(BF16)  # noqa: E731
-        t.update({
-            p + "input_layernorm.weight": norm(h), p + "post_attention_layernorm.weight": norm(h),
-            p + "self_attn.q_a_proj.weight": _normal(rng, (ql, h), std),
-            p + "self_attn.q_a_layernorm.weight": norm(ql),
-            p + "self_attn.q_b_proj.weight": _normal(rng, (heads * (nope + rope), ql), std),
-            p + "self_attn.kv_a_proj_with_mqa.weight": _normal(rng, (kvl + rope, h), std),
-            p + "self_attn.kv_a_layernorm.weight": norm(kvl),
-            p + "self_attn.kv_b_proj.weight": _normal(rng, (heads * (nope + vh), kvl), std),
-            p + "self_attn.o_proj.weight": _normal(rng, (h, heads * vh), std),
-        })
-        if l < cfg["first_k_dense_replace"]:
-            for name, shape in (("gate_proj", (di, h)), ("up_proj", (di, h)), ("down_proj", (h, di))):
-                t[p + f"mlp.{name}.weight"] = _normal(rng, shape, std)
+    si = mi * cfg["n_shared_experts"]
+    out = [KimiTensor("model.embed_tokens.weight", (v, h), "normal", 1.0), KimiTensor("model.norm.weight", (h,), "ones"),
+           KimiTensor("lm_head.weight", (v, h), "normal", std)]
+
+    def mlp(prefix: str, inner: int, kind: str = "normal") -> list[KimiTensor]:
+        shapes = (("gate_proj", (inner, h)), ("up_proj", (inner, h)), ("down_proj", (h, inner)))
+        return [KimiTensor(prefix + name + ("" if kind == "int4" else ".weight"), shape, kind, std)
+                for name, shape in shapes]
+
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        out += [KimiTensor(p + "input_layernorm.weight", (h,), "norm", 0.1),
+                KimiTensor(p + "post_attention_layernorm.weight", (h,), "norm", 0.1),
+                KimiTensor(p + "self_attn.q_a_proj.weight", (ql, h), "normal", std),
+                KimiTensor(p + "self_attn.q_a_layernorm.weight", (ql,), "norm", 0.1),
+                KimiTensor(p + "self_attn.q_b_proj.weight", (heads * (nope + rope), ql), "normal", std),
+                KimiTensor(p + "self_attn.kv_a_proj_with_mqa.weight", (kvl + rope, h), "normal", std),
+                KimiTensor(p + "self_attn.kv_a_layernorm.weight", (kvl,), "norm", 0.1),
+                KimiTensor(p + "self_attn.kv_b_proj.weight", (heads * (nope + vh), kvl), "normal", std),
+                KimiTensor(p + "self_attn.o_proj.weight", (h, heads * vh), "normal", std)]
+        if layer < cfg["first_k_dense_replace"]:
+            out += mlp(p + "mlp.", di)
             continue
-        t[p + "mlp.gate.weight"] = _normal(rng, (ne, h), std * 4)
-        t[p + "mlp.gate.e_score_correction_bias"] = (rng.standard_normal(ne, dtype=np.float32) * 0.01).astype(np.float32)
-        si = mi * cfg["n_shared_experts"]
-        for name, shape in (("gate_proj", (si, h)), ("up_proj", (si, h)), ("down_proj", (h, si))):
-            t[p + f"mlp.shared_experts.{name}.weight"] = _normal(rng, shape, std)
+        out += [KimiTensor(p + "mlp.gate.weight", (ne, h), "normal", std * 4),
+                KimiTensor(p + "mlp.gate.e_score_correction_bias", (ne,), "bias", 0.01)]
+        out += mlp(p + "mlp.shared_experts.", si)
         for e in range(ne):
-            for name, shape in (("gate_proj", (mi, h)), ("up_proj", (mi, h)), ("down_proj", (h, mi))):
-                for part, arr in int4_pack(_normal(rng, shape, std)).items():
-                    t[p + f"mlp.experts.{e}.{name}.{part}"] = arr
+            out += mlp(p + f"mlp.experts.{e}.", mi, "int4")
+    return out
+
+
+def _draw(rng, t: KimiTensor) -> np.ndarray:
+    """A non-INT4 tensor of :func:`kimi_k2_tensors` drawn from ``rng`` (float normal draws)."""
+    if t.kind == "ones":
+        return np.ones(t.shape, BF16)
+    if t.kind == "norm":
+        return (1 + _normal(rng, t.shape, t.std).astype(np.float32)).astype(BF16)
+    if t.kind == "bias":
+        return (rng.standard_normal(t.shape, dtype=np.float32) * np.float32(t.std)).astype(np.float32)
+    return _normal(rng, t.shape, t.std)
+
+
+def build_kimi_k2(path, cfg: dict, seed: int = 0, std: float = 0.02) -> Path:
+    """Write a DeepSeek-V3/Kimi-K2 checkpoint for ``cfg`` with seeded random weights, laid out as
+    Moonshot ships it: routed experts as INT4 pack-quantized (quantized from float draws),
+    everything else bf16, tokenizer files as :func:`kimi_tokenizer_files` writes them."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    t = {}
+    for spec in kimi_k2_tensors(cfg, std):
+        if spec.kind == "int4":
+            for part, arr in int4_pack(_normal(rng, spec.shape, spec.std)).items():
+                t[f"{spec.name}.{part}"] = arr
+        else:
+            t[spec.name] = _draw(rng, spec)
     # at least two shards, as Moonshot's 62 (their names carry a 6-digit total)
     half = sum(a.nbytes for a in t.values()) // 2 + max(a.nbytes for a in t.values())
     _write(path, t, cfg, shard_bytes=min(2e9, half), total_digits=6)
-    kimi_tokenizer_files(path, v, seed)
+    kimi_tokenizer_files(path, cfg["vocab_size"], seed)
     return path
 
 
@@ -416,12 +468,156 @@ def build_kimi_k2_tiny(path, seed: int = 0) -> Path:
     return build_kimi_k2(path, kimi_k2_config(), seed)
 
 
-def build_kimi_k2_shaped(path, layers: int = 2, experts: int = 16, seed: int = 0, vocab: int = 4096) -> Path:
-    """Kimi-K2's real per-layer tensor sizes; ``layers`` = 1 dense + (layers-1) MoE when > 1."""
-    cfg = kimi_k2_config(hidden=7168, intermediate=18432, moe_intermediate=2048, layers=layers,
-                         experts=experts, top_k=min(8, experts), heads=64, q_lora=1536, kv_lora=512,
-                         nope=128, rope=64, v_head=128, vocab=vocab, first_dense=1 if layers > 1 else 0)
-    return build_kimi_k2(path, cfg, seed)
+# --------------------------------------------------------------------------- kimi-k2-shaped, streamed
+
+# Random bytes are drawn in chunks of this size, each from its own seeded generator (seed, tensor,
+# chunk), so a file's bytes do not depend on the thread count, and memory stays at a few chunks
+# per thread however large the tensor.
+CHUNK_BYTES = 1 << 25
+# A bf16 mantissa m uniform in [1, 2) has a root mean square of sqrt(7/3) = 1.53.
+_RMS_MANTISSA = 1.53
+# Uniform INT4 codes -8..7 have a root mean square of sqrt(21.5) = 4.64.
+_RMS_INT4 = 4.64
+# A bf16 "normal" value here is sign * m * 2**(e - k), k uniform in 0..3: root mean square
+# 1.53 * 2**e * sqrt((1 + 1/4 + 1/16 + 1/64) / 4) = 0.88 * 2**e.
+_RMS_PATTERN = 0.88
+
+
+@dataclass(frozen=True, eq=False)
+class StoredTensor:
+    """One stored tensor of the streamed build: ``fill`` says how its bytes are made (``codes``:
+    random int32 words, every nibble a valid INT4 code, uniform over -8..7, so a weight's mean is
+    half a scale below zero, harmless for a benchmark; ``scale``: positive bf16 of exponent
+    ``exponent``; ``normal``: zero-mean bf16 of exponents ``exponent``-3..``exponent``; ``small``:
+    drawn whole by :func:`_draw`, or ``value``), ``index`` its place in the checkpoint (its seed)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fill: str
+    index: int
+    exponent: int = 0
+    source: KimiTensor | None = None
+    value: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.nbytes // CHUNK_BYTES)) if self.fill != "small" else 1
+
+
+def _bf16_exponent(x: float) -> int:
+    """The biased bf16 exponent e of the power of two 2**(e - 127) nearest ``x`` (in log)."""
+    return 127 + int(round(np.log2(x)))
+
+
+def kimi_k2_stored(cfg: dict, std: float = 0.02) -> list[StoredTensor]:
+    """The stored tensors of :func:`kimi_k2_tensors` for the streamed build, in file order."""
+    out: list[StoredTensor] = []
+    for t in kimi_k2_tensors(cfg, std):
+        if t.kind == "int4":
+            n, k = t.shape
+            scale_exp = _bf16_exponent(t.std / (_RMS_INT4 * _RMS_MANTISSA))
+            out += [StoredTensor(f"{t.name}.weight_packed", np.dtype(np.int32), (n, k // 8), "codes", len(out)),
+                    StoredTensor(f"{t.name}.weight_scale", np.dtype(BF16), (n, k // INT4_GROUP), "scale",
+                                 len(out) + 1, scale_exp),
+                    StoredTensor(f"{t.name}.weight_shape", np.dtype(np.int64), (2,), "small", len(out) + 2,
+                                 value=np.asarray([n, k], np.int64))]
+        elif t.kind == "normal":
+            out.append(StoredTensor(t.name, np.dtype(BF16), t.shape, "normal", len(out),
+                                    _bf16_exponent(t.std / _RMS_PATTERN)))
+        else:
+            dtype = np.float32 if t.kind == "bias" else BF16
+            out.append(StoredTensor(t.name, np.dtype(dtype), t.shape, "small", len(out), source=t))
+    return out
+
+
+def kimi_k2_source_bytes(cfg: dict) -> int:
+    """Bytes of tensor data of the Kimi-K2 checkpoint for ``cfg`` (headers not counted)."""
+    return sum(s.nbytes for s in kimi_k2_stored(cfg))
+
+
+def _chunk(spec: StoredTensor, chunk: int, seed: int) -> np.ndarray:
+    """Bytes ``chunk * CHUNK_BYTES`` onwards (at most CHUNK_BYTES) of ``spec``'s data."""
+    if spec.fill == "small":
+        arr = spec.value if spec.value is not None else _draw(np.random.default_rng([seed, spec.index]), spec.source)
+        return np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+    nbytes = min(CHUNK_BYTES, spec.nbytes - chunk * CHUNK_BYTES)
+    words = np.random.Generator(np.random.PCG64([seed, spec.index, chunk])).bit_generator.random_raw(-(-nbytes // 8))
+    raw = words.view(np.uint8)[:nbytes]
+    if spec.fill == "codes":
+        return raw
+    u = raw.view(np.uint16)  # in place below: one chunk-sized temporary at most
+    if spec.fill == "scale":
+        u &= np.uint16(0x7F)
+        u |= np.uint16(spec.exponent << 7)
+        return raw
+    lower = u >> np.uint16(7)  # sign and mantissa random, exponent lowered by 0..3 (two more random bits)
+    lower &= np.uint16(3)
+    np.subtract(np.uint16(spec.exponent), lower, out=lower)
+    lower <<= np.uint16(7)
+    u &= np.uint16(0x807F)
+    u |= lower
+    return raw
+
+
+def _ordered_map(fn, jobs, workers: int):
+    """``fn(*job)`` for every job, in order, at most ``2 * workers`` in flight (bounded memory)."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for job in jobs:
+            pending.append(pool.submit(fn, *job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _stream_shard(file: Path, specs: list[StoredTensor], seed: int, workers: int) -> None:
+    head = encode_header([(s.name, st_dtype(s.dtype), s.shape, s.nbytes) for s in specs], {"format": "pt"})
+    with open(file, "wb") as f:
+        f.write(head)
+        for data in _ordered_map(_chunk, ((s, c, seed) for s in specs for c in range(s.chunks)), workers):
+            f.write(data)
+
+
+def build_kimi_k2_streamed(path, cfg: dict, seed: int = 0, shard_bytes: float = 5e9, workers: int | None = None) -> Path:
+    """The Kimi-K2 checkpoint for ``cfg`` made fast, for benchmarks at the real expert count:
+    routed experts' INT4 codes and bf16 group scales written directly as random bits (no float
+    weights drawn and packed), other weights random bf16 bit patterns of about the same spread as
+    :func:`build_kimi_k2`'s, streamed chunk by chunk into shards of at most ``shard_bytes`` (at
+    least two) with ``workers`` threads: memory stays at a few chunks per thread."""
+    path = Path(path)
+    stored = kimi_k2_stored(cfg)
+    by_name = {s.name: s for s in stored}
+    half = sum(s.nbytes for s in stored) // 2 + max(s.nbytes for s in stored)
+    workers = workers or min(8, os.cpu_count() or 1)
+
+    def write_shard(file: Path, names: list[str]) -> None:
+        _stream_shard(file, [by_name[n] for n in names], seed, workers)
+
+    _write_shards(path, cfg, {s.name: s.nbytes for s in stored}, write_shard, (min(shard_bytes, half), 6))
+    kimi_tokenizer_files(path, cfg["vocab_size"], seed)
+    return path
+
+
+def kimi_k2_shaped_config(layers: int = 2, experts: int = 384, vocab: int = 4096) -> dict:
+    """Kimi-K2's real per-layer sizes (hidden 7168, dense intermediate 18432, expert intermediate
+    2048, 64 heads, MLA ranks 1536/512, top-8 routing); layer 0 dense, the other ``layers`` - 1
+    MoE with ``experts`` routed experts. Kimi-K2-Thinking is ``(61, 384, 163840)``."""
+    return kimi_k2_config(hidden=7168, intermediate=18432, moe_intermediate=2048, layers=layers,
+                          experts=experts, top_k=min(8, experts), heads=64, q_lora=1536, kv_lora=512,
+                          nope=128, rope=64, v_head=128, vocab=vocab, first_dense=1)
+
+
+def build_kimi_k2_shaped(path, layers: int = 2, experts: int = 384, seed: int = 0, vocab: int = 4096) -> Path:
+    """Kimi-K2's real per-layer tensor sizes: layer 0 dense, ``layers`` - 1 MoE layers of
+    ``experts`` routed experts (a 384-expert MoE layer is 9.8 GB), built by
+    :func:`build_kimi_k2_streamed`; ``vocab`` 4096 instead of Kimi's 163840 keeps the embeddings small."""
+    return build_kimi_k2_streamed(path, kimi_k2_shaped_config(layers, experts, vocab), seed)
 
 
 EXAMPLES = {"llama-tiny": build_llama_tiny, "kimi-k2-tiny": build_kimi_k2_tiny}
