@@ -81,8 +81,8 @@ def _env(work):
 
 def _args(work, model, out, extra):
     root = work["root"]
-    return ["convert", str(work["srcs"][model]), str(out),
-            "--calib-tokens", str(root / f"{model}_tokens.json"), "--batch-size", "1", "--quiet", *extra]
+    calib = [] if "--input-scale-constant" in extra else ["--calib-tokens", str(root / f"{model}_tokens.json")]
+    return ["convert", str(work["srcs"][model]), str(out), *calib, "--batch-size", "1", "--quiet", *extra]
 
 
 def _free_port() -> int:
