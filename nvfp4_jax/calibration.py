@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from nvfp4_jax import sharding
+from nvfp4_jax.checkpoint.layout import natural_key
 from nvfp4_jax.errors import NVFP4Error
 from nvfp4_jax.models.stats import LayerStats
 
@@ -185,7 +186,7 @@ def unify_groups(amax: Mapping[str, float], groups: Iterable[tuple[str, ...]]) -
 def coverage_report(stats: CalibStats) -> dict[str, dict]:
     """Per MoE layer: experts without tokens and a token-count histogram."""
     report = {}
-    for prefix, ex in sorted(stats.experts.items(), key=lambda kv: _layer_index(kv[0])):
+    for prefix, ex in sorted(stats.experts.items(), key=lambda kv: natural_key(kv[0])):
         counts = ex.tokens_per_expert
         edges = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10**9]
         hist = {}
@@ -203,14 +204,6 @@ def coverage_report(stats: CalibStats) -> dict[str, dict]:
             "histogram": hist,
         }
     return report
-
-
-def _layer_index(name: str) -> int:
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return -1
 
 
 def constant_input_amax(value_input_scale: float = 1.0) -> float:

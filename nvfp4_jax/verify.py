@@ -39,7 +39,7 @@ from nvfp4_jax.checkpoint.layout import (
     get_layout,
     natural_key,
 )
-from nvfp4_jax.checkpoint.safetensors_io import ERROR, WARNING, TensorEntry, scan_checkpoint
+from nvfp4_jax.checkpoint.safetensors_io import DTYPES, ERROR, WARNING, TensorEntry, scan_checkpoint
 from nvfp4_jax.checkpoint.writer import CHECKSUMS_NAME
 from nvfp4_jax.families import find_family_spec
 
@@ -546,13 +546,12 @@ class _Verifier:
         return self.findings
 
 
-_FLOAT_DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64}
 _SCAN_CHUNK = 64 << 20
 
 
 def _scan_bytes(store: _Store, ref: TensorEntry) -> tuple[int, int, int]:
     """(CRC-32 of the tensor's bytes, count of NaN/Inf values, flat index of the first one or -1)."""
-    dt = _FLOAT_DTYPES.get(ref.dtype)
+    dt = DTYPES[ref.dtype] if ref.dtype.startswith(("F", "BF")) else None  # the floating dtypes
     fh = store.handle(ref)
     crc, bad, first, done = 0, 0, -1, 0
     step = _SCAN_CHUNK - _SCAN_CHUNK % (np.dtype(dt).itemsize if dt else 1)

@@ -273,3 +273,31 @@ def test_signal_leaves_a_resumable_partial_and_one_line(tmp_path, sig):
     a, b = _tree_bytes(clean), _tree_bytes(out)
     a.pop("nvfp4_report.json"), b.pop("nvfp4_report.json")
     assert a == b
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_sigkill_at_a_random_point_then_resume_is_byte_identical(tmp_path, seed):
+    """Whatever the moment of a SIGKILL (drawn from the clean run's duration), --resume finishes
+    with the bytes of an uninterrupted run (or the run had already finished them)."""
+    import random
+
+    src = examples.build_llama_tiny(tmp_path / "src", seed=seed)
+    tok = tmp_path / "tokens.json"
+    tok.write_text(json.dumps({"input_ids": _tokens(src, 4, 16)}))
+    args = ["convert", src, None, "--calib-tokens", tok, "--shard-size", "60000", "--quiet"]
+    clean = tmp_path / "clean"
+    t0 = time.monotonic()
+    p = _cli(*[clean if a is None else a for a in args])
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    duration = time.monotonic() - t0
+    out = tmp_path / "out"
+    p = _cli(*[out if a is None else a for a in args])
+    time.sleep(random.Random(seed).uniform(0.2, 1.0) * duration)
+    p.kill()
+    p.wait()
+    if not out.exists():
+        p = _cli(*[out if a is None else a for a in args], "--resume")
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    a, b = _tree_bytes(clean), _tree_bytes(out)
+    a.pop("nvfp4_report.json"), b.pop("nvfp4_report.json")
+    assert a == b

@@ -202,7 +202,8 @@ class PlannedWriter:
             self.resumed = True
             return
         if self.partial.exists() or self.partial.is_symlink():
-            if not self.options.overwrite:
+            laid_out_halfway = self.options.resume and (self.partial / guards.PARTIAL_MARKER).is_file()
+            if not (self.options.overwrite or laid_out_halfway):  # a run killed while laying out: nothing kept
                 raise CheckpointError(
                     f"{self.partial} exists but holds no resumable run{' (no ' + PLAN_NAME + ')' if self.options.resume else ''}; "
                     "pass --resume to continue an interrupted run, or --overwrite to start over")

@@ -106,12 +106,6 @@ class Family:
         prefix = self.layer_prefix(layer)
         return [n for n in all_names if n.startswith(prefix)]
 
-    def _decoder_layer_of(self, name: str) -> int | None:
-        if not name.startswith("model.layers."):
-            return None
-        part = name[len("model.layers."):].split(".", 1)[0]
-        return int(part) if part.isdigit() else None
-
     def embed_param_names(self, all_names=None) -> list[str]:
         return ["model.embed_tokens.weight"]
 
