@@ -152,13 +152,15 @@ DEEPSEEK_V3 = FamilySpec(
 # Kimi-K2.5/K2.6/K2.7 (KimiK25ForConditionalGeneration): the Kimi-K2 text model under
 # ``language_model.`` with its config in ``text_config``, plus a MoonViT vision tower and projector.
 # Renames as the engines' kimi_k25.py load_weights apply them: vLLM maps ``language_model.lm_head``
-# to ``lm_head`` and ``language_model.model`` to ``language_model``; SGLang strips ``language_model.``.
+# to ``lm_head`` and ``language_model.model`` to ``language_model``; SGLang maps NVIDIA's
+# ``language_model.layers.`` to ``language_model.model.layers.``, then strips ``language_model.``.
 KIMI_K25 = dataclasses.replace(
     DEEPSEEK_V3, name="kimi_k25", model_types=("kimi_k25",), layer_prefix="language_model.model.layers.",
     text_config_key="text_config",
     engine_renames=(("vllm", "language_model.lm_head", "lm_head"), ("vllm", "language_model.model", "language_model"),
                     ("vllm", "mm_projector.proj.0", "mm_projector.linear_1"),
                     ("vllm", "mm_projector.proj.2", "mm_projector.linear_2"),
+                    ("sglang", "language_model.layers.", "language_model.model.layers."),
                     ("sglang", "language_model.", "")))
 
 SPECS: tuple[FamilySpec, ...] = (LLAMA, QWEN3_MOE, DEEPSEEK_V3, KIMI_K25)
