@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     x = _subcommand(sub, "example", "build a built-in example model, convert and verify it")
-    x.add_argument("name", choices=["kimi-k2-tiny", "llama-tiny", "kimi-k2-shaped"], help="example model")
+    x.add_argument("name", choices=["kimi-k2-tiny", "kimi-k2.5-tiny", "llama-tiny", "kimi-k2-shaped"], help="example model")
     x.add_argument("out", nargs="?", help="output directory (default: out/NAME-nvfp4)")
     x.add_argument("--source", help="where to build the source checkpoint (default: a temp dir)")
     x.add_argument("--seed", type=int, default=0, help="seed of the random weights")

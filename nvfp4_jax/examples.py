@@ -5,6 +5,10 @@
   MoE layers, 16 routed experts (top-2), a shared expert, MLA with q_lora/kv_lora, yarn RoPE, a
   sigmoid router with ``e_score_correction_bias``; routed experts stored as compressed-tensors
   ``pack-quantized`` INT4 (group 32, symmetric) as in Kimi-K2-Thinking; everything else bf16.
+* ``kimi-k2.5-tiny``: Kimi-K2.5/K2.6/K2.7 as Moonshot ships them (``KimiK25ForConditionalGeneration``):
+  the ``kimi-k2-tiny`` text model under ``language_model.`` with its config (and its INT4
+  ``quantization_config``) inside ``text_config``, a small MoonViT-like ``vision_tower`` and an
+  ``mm_projector`` (bf16 with biases); the text tensors equal ``kimi-k2-tiny``'s of the same seed.
 * ``kimi-k2-shaped``: Kimi-K2's real tensor sizes (hidden 7168, expert intermediate 2048, dense
   intermediate 18432, MLA ranks 1536/512), layer 0 dense and the rest MoE, up to the real 384
   experts, for benchmarks: random INT4 codes, scales and bf16 bit patterns streamed to the shards
@@ -79,7 +83,8 @@ def calibration_samples(source, num_samples: int = 16, seq_len: int = 64) -> lis
 
 # (num_samples, seq_len) of ``example NAME`` when not given. The Kimi example calibrates on so few
 # tokens that some routed experts see none: its report shows them, with their shared, valid scales.
-EXAMPLE_CALIBRATION = {"llama-tiny": (16, 64), "kimi-k2-tiny": (1, 8), "kimi-k2-shaped": (16, 64)}
+EXAMPLE_CALIBRATION = {"llama-tiny": (16, 64), "kimi-k2-tiny": (1, 8), "kimi-k2.5-tiny": (1, 8),
+                       "kimi-k2-shaped": (16, 64)}
 
 
 def example_calibration(name: str, source, num_samples=None, seq_len=None) -> list[list[int]]:
@@ -240,7 +245,12 @@ def kimi_tokenizer_files(path: Path, vocab_size: int, seed: int = 0) -> None:
         "extra_special_tokens": {}, "model_max_length": 1048576, "pad_token": "[PAD]",
         "tokenizer_class": "TikTokenTokenizer", "unk_token": "[UNK]"}, indent=2))
     (path / "chat_template.jinja").write_text(KIMI_CHAT_TEMPLATE)
-    for name, what in KIMI_REMOTE_CODE.items():
+    remote_code_placeholders(path, KIMI_REMOTE_CODE)
+
+
+def remote_code_placeholders(path: Path, files: dict[str, str]) -> None:
+    """A placeholder per remote-code file name of ``files`` (name -> what Moonshot's file holds)."""
+    for name, what in files.items():
         (path / name).write_text(f"# Placeholder: Moonshot's repository ships {what} under this name.\n"
                                  "# nvfp4-jax never runs remote code; this built-in example only mirrors the file set.\n")
 
@@ -282,10 +292,6 @@ def _write_shards(path: Path, config: dict, sizes: dict[str, int], write_shard, 
     named with a ``layout[1]``-digit total; ``write_shard(file, names)`` writes each file. One
     shard is ``model.safetensors`` without an index."""
     shard_bytes, total_digits = layout
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}, indent=2))
     shards, cur, size = [], [], 0
     for n, nb in sizes.items():
         if cur and size + nb > shard_bytes:
@@ -294,6 +300,17 @@ def _write_shards(path: Path, config: dict, sizes: dict[str, int], write_shard, 
         cur.append(n)
         size += nb
     shards.append(cur)
+    _write_shard_files(path, config, shards, (sizes, write_shard), total_digits)
+
+
+def _write_shard_files(path: Path, config: dict, shards: list[list[str]], tensors: tuple, total_digits: int) -> None:
+    """config.json, generation_config.json, one file per list of ``shards`` and the index;
+    ``tensors`` is (name -> bytes, ``write_shard(file, names)``)."""
+    sizes, write_shard = tensors
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}, indent=2))
     if len(shards) == 1:
         write_shard(path / "model.safetensors", shards[0])
         return
@@ -468,6 +485,115 @@ def build_kimi_k2_tiny(path, seed: int = 0) -> Path:
     return build_kimi_k2(path, kimi_k2_config(), seed)
 
 
+# --------------------------------------------------------------------------- kimi-k2.5-tiny, the wrapper
+
+KIMI_K25_TEXT_PREFIX = "language_model."
+# Moonshot's K2.5 repositories add these (remote code for the wrapper and its image/video processor)
+KIMI_K25_REMOTE_CODE = {
+    "configuration_kimi_k25.py": "the KimiK25Config class",
+    "modeling_kimi_k25.py": "the KimiK25ForConditionalGeneration model (MoonViT vision tower, projector)",
+    "kimi_k25_processor.py": "the multimodal processor",
+    "kimi_k25_vision_processing.py": "the image/video preprocessing",
+    "media_utils.py": "media loading helpers",
+    "tool_declaration_ts.py": "the tool-declaration renderer of the chat template",
+}
+
+
+def kimi_k25_vision_config(*, hidden=32, blocks=2, heads=2, intermediate=64, patch=14, pos_emb=4,
+                           merge=(2, 2), text_hidden=128) -> dict:
+    """A MoonViT ``vision_config`` in the keys of Kimi-K2.5's, resized."""
+    return {"model_type": "moonvit3d", "patch_size": patch, "init_pos_emb_height": pos_emb,
+            "init_pos_emb_width": pos_emb, "init_pos_emb_time": 4, "pos_emb_type": "divided_fixed",
+            "vt_hidden_size": hidden, "vt_num_hidden_layers": blocks, "vt_num_attention_heads": heads,
+            "vt_intermediate_size": intermediate, "merge_kernel_size": list(merge), "merge_type": "sd2_tpool",
+            "video_attn_type": "spatial_temporal", "mm_projector_type": "patchmerger",
+            "mm_hidden_size": hidden, "projector_hidden_act": "gelu", "projector_ln_eps": 1e-5,
+            "text_hidden_size": text_hidden}
+
+
+def kimi_k25_config(text: dict | None = None, vision: dict | None = None) -> dict:
+    """A Kimi-K2.5 config.json: the wrapper's keys, ``text_config`` (a Kimi-K2 config with its INT4
+    ``quantization_config``, only there, as in Moonshot's file) and ``vision_config``."""
+    text = text or kimi_k2_config()
+    vision = vision or kimi_k25_vision_config(text_hidden=text["hidden_size"])
+    first_special = text["bos_token_id"]
+    return {
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "auto_map": {"AutoConfig": "configuration_kimi_k25.KimiK25Config",
+                     "AutoModel": "modeling_kimi_k25.KimiK25ForConditionalGeneration",
+                     "AutoModelForCausalLM": "modeling_kimi_k25.KimiK25ForConditionalGeneration"},
+        "model_type": "kimi_k25", "bos_token_id": first_special, "eos_token_id": first_special + 1,
+        "pad_token_id": text["vocab_size"] - 1, "media_placeholder_token_id": first_special + 21,
+        "ignore_index": -100, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "text_config": text, "vision_config": vision,
+    }
+
+
+def kimi_k25_vision_tensors(vision: dict, seed: int, std: float = 0.02) -> dict[str, np.ndarray]:
+    """The MoonViT vision tower and patch-merger projector of ``vision`` (bf16, with biases)."""
+    rng = np.random.default_rng([seed, 25])  # a stream of its own: the text tensors stay kimi-k2-tiny's
+    h, inner, p, e = (vision[k] for k in ("vt_hidden_size", "vt_intermediate_size", "patch_size", "init_pos_emb_height"))
+    merged = h * int(np.prod(vision["merge_kernel_size"]))
+    linear = {"vision_tower.patch_embed.proj": (h, 3, p, p)}
+    norms = []
+    for b in range(vision["vt_num_hidden_layers"]):
+        blk = f"vision_tower.encoder.blocks.{b}."
+        linear.update({blk + "wqkv": (3 * h, h), blk + "wo": (h, h), blk + "mlp.fc0": (inner, h), blk + "mlp.fc1": (h, inner)})
+        norms += [blk + "norm0", blk + "norm1"]
+    norms += ["vision_tower.encoder.final_layernorm", "mm_projector.pre_norm"]
+    linear.update({"mm_projector.proj.0": (merged, merged), "mm_projector.proj.2": (vision["text_hidden_size"], merged)})
+    t = {"vision_tower.patch_embed.pos_emb.weight": _normal(rng, (e, e, h), 1.0)}
+    for name, shape in linear.items():
+        t[name + ".weight"] = _normal(rng, shape, std)
+        t[name + ".bias"] = _normal(rng, shape[:1], std)
+    for name in norms:
+        t[name + ".weight"] = (1 + _normal(rng, (h,), 0.1).astype(np.float32)).astype(BF16)
+        t[name + ".bias"] = _normal(rng, (h,), 0.01)
+    return dict(sorted(t.items()))
+
+
+def build_kimi_k25(path, cfg: dict | None = None, seed: int = 0, std: float = 0.02) -> Path:
+    """Write a Kimi-K2.5 checkpoint laid out as Moonshot ships it: the text tensors of
+    :func:`build_kimi_k2` for ``cfg["text_config"]`` and ``seed`` under ``language_model.``, the
+    vision tower and projector, shards ``model-0000N-of-0000NN.safetensors`` (one for the head,
+    embeddings and norm, one per decoder layer, one for ``mm_projector.*``, one for
+    ``vision_tower.*``) and the K2.5 file set (tokenizer files of kimi-k2-tiny, remote-code names)."""
+    path = Path(path)
+    cfg = cfg or kimi_k25_config()
+    text = cfg["text_config"]
+    rng = np.random.default_rng(seed)
+    t = {}
+    for spec in kimi_k2_tensors(text, std):
+        name = KIMI_K25_TEXT_PREFIX + spec.name
+        if spec.kind == "int4":
+            for part, arr in int4_pack(_normal(rng, spec.shape, spec.std)).items():
+                t[f"{name}.{part}"] = arr
+        else:
+            t[name] = _draw(rng, spec)
+    t.update(kimi_k25_vision_tensors(cfg["vision_config"], seed, std))
+    layer_of = {n: n.split(".")[3] for n in t if n.startswith(KIMI_K25_TEXT_PREFIX + "model.layers.")}
+    shards = [[n for n in t if n.startswith(KIMI_K25_TEXT_PREFIX) and n not in layer_of]]
+    shards += [[n for n in t if layer_of.get(n) == str(layer)] for layer in range(text["num_hidden_layers"])]
+    shards += [[n for n in t if n.startswith(root)] for root in ("mm_projector.", "vision_tower.")]
+
+    def write_shard(file: Path, names: list[str]) -> None:
+        save_file(file, {n: t[n] for n in names}, {"format": "pt"})
+
+    _write_shard_files(path, cfg, shards, ({n: a.nbytes for n, a in t.items()}, write_shard), 6)
+    kimi_tokenizer_files(path, text["vocab_size"], seed)
+    remote_code_placeholders(path, KIMI_K25_REMOTE_CODE)
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoImageProcessor": "kimi_k25_vision_processing.KimiK25VisionProcessor",
+                      "AutoProcessor": "kimi_k25_processor.KimiK25Processor"},
+         "patch_size": cfg["vision_config"]["patch_size"], "merge_kernel_size": cfg["vision_config"]["merge_kernel_size"]},
+        indent=2))
+    return path
+
+
+def build_kimi_k25_tiny(path, seed: int = 0) -> Path:
+    return build_kimi_k25(path, kimi_k25_config(), seed)
+
+
 # --------------------------------------------------------------------------- kimi-k2-shaped, streamed
 
 # Random bytes are drawn in chunks of this size, each from its own seeded generator (seed, tensor,
@@ -620,4 +746,4 @@ def build_kimi_k2_shaped(path, layers: int = 2, experts: int = 384, seed: int = 
     return build_kimi_k2_streamed(path, kimi_k2_shaped_config(layers, experts, vocab), seed)
 
 
-EXAMPLES = {"llama-tiny": build_llama_tiny, "kimi-k2-tiny": build_kimi_k2_tiny}
+EXAMPLES = {"llama-tiny": build_llama_tiny, "kimi-k2-tiny": build_kimi_k2_tiny, "kimi-k2.5-tiny": build_kimi_k25_tiny}

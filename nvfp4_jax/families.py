@@ -10,6 +10,7 @@ forward runs it). Adding a family means one spec here plus its forward in ``nvfp
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -19,6 +20,7 @@ from nvfp4_jax.errors import NVFP4Error
 __all__ = [
     "FusedGroup",
     "FamilySpec",
+    "KIMI_K25",
     "SPECS",
     "UnsupportedModelError",
     "family_spec",
@@ -79,6 +81,8 @@ class FamilySpec:
     default_preset: the preset used when the user names none.
     required_config_keys: config.json keys both engines read for this family; missing ones are a
         verify error saying ``required_config_reason``.
+    engine_renames: ``(engine, old, new)``: how an engine's weight loader renames checkpoint names
+        (``name.replace(old, new)`` where ``old`` occurs, in order) before it builds its modules.
     """
 
     name: str
@@ -92,6 +96,24 @@ class FamilySpec:
     default_preset: str = "all"
     required_config_keys: tuple[str, ...] = ()
     required_config_reason: str = ""
+    engine_renames: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def text_prefix(self) -> str:
+        """What the text model's tensor names start with in a wrapper (``language_model.``); empty
+        for a plain text model. Tensors outside it (vision tower, projector) are passed through."""
+        return self.layer_prefix[:-len(DECODER_PREFIX)] if self.layer_prefix.endswith(DECODER_PREFIX) else ""
+
+    def is_text(self, name: str) -> bool:
+        """Whether a tensor or module belongs to the text model (always, for a plain text model)."""
+        return name.startswith(self.text_prefix)
+
+    def engine_rename(self, name: str, engine: str) -> str:
+        """``name`` as ``engine``'s weight loader renames it (``engine_renames``)."""
+        for eng, old, new in self.engine_renames:
+            if eng == engine and old in name:
+                name = name.replace(old, new)
+        return name
 
     def text_config(self, config: Mapping) -> Mapping:
         """The decoder's config: ``config[text_config_key]`` for a wrapper; otherwise the top
@@ -127,7 +149,21 @@ DEEPSEEK_V3 = FamilySpec(
     required_config_reason="vLLM and SGLang read it for DeepSeek-V3/Kimi-K2 routing and fail without "
                            "it (transformers 5's DeepseekV3Config does not write it)")
 
-SPECS: tuple[FamilySpec, ...] = (LLAMA, QWEN3_MOE, DEEPSEEK_V3)
+# Kimi-K2.5/K2.6/K2.7 (KimiK25ForConditionalGeneration): the Kimi-K2 text model under
+# ``language_model.`` with its config in ``text_config``, plus a MoonViT vision tower and projector.
+# Renames as the engines' kimi_k25.py load_weights apply them: vLLM maps ``language_model.lm_head``
+# to ``lm_head`` and ``language_model.model`` to ``language_model``; SGLang maps NVIDIA's
+# ``language_model.layers.`` to ``language_model.model.layers.``, then strips ``language_model.``.
+KIMI_K25 = dataclasses.replace(
+    DEEPSEEK_V3, name="kimi_k25", model_types=("kimi_k25",), layer_prefix="language_model.model.layers.",
+    text_config_key="text_config",
+    engine_renames=(("vllm", "language_model.lm_head", "lm_head"), ("vllm", "language_model.model", "language_model"),
+                    ("vllm", "mm_projector.proj.0", "mm_projector.linear_1"),
+                    ("vllm", "mm_projector.proj.2", "mm_projector.linear_2"),
+                    ("sglang", "language_model.layers.", "language_model.model.layers."),
+                    ("sglang", "language_model.", "")))
+
+SPECS: tuple[FamilySpec, ...] = (LLAMA, QWEN3_MOE, DEEPSEEK_V3, KIMI_K25)
 
 _BY_MODEL_TYPE = {mt: spec for spec in SPECS for mt in spec.model_types}
 

@@ -31,6 +31,7 @@ from nvfp4_jax.calibration import (
     CalibrationError, CalibStats, MOE_POLICIES, calibrate_layer, constant_input_amax, coverage_report,
     expert_input_amax, unify_groups,
 )
+from nvfp4_jax.checkpoint.formats import output_config
 from nvfp4_jax.checkpoint.reader import CheckpointReader
 from nvfp4_jax.checkpoint.writer import PlannedWriter, WriterOptions
 from nvfp4_jax.coordinator import Coordinator, LocalCoordinator
@@ -377,8 +378,7 @@ def _write_outputs(run: _Run, stats: CalibStats, units: dict, manifests: Optiona
             if d is not None:
                 d["calibration"] = note
     report = _report(run, stats, units)
-    config_out = dict(run.reader.config)
-    config_out["quantization_config"] = qcfg
+    config_out = output_config(run.reader.config, qcfg)
     with run.timer("write"):
         run.writer.finalize(config_out, hf_quant, run.reader.extra_files(), report, manifests=manifests, units=units)
     report["time_s"] = run.timer.rounded(with_total=True)

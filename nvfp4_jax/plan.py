@@ -91,7 +91,8 @@ def build_plan(reader, options) -> ConversionPlan:
     wanted = layout.quantized(all_linear, preset)
     not_multiple_16 = sorted(m for m in wanted if reader.info(f"{m}.weight").shape[-1] % numerics.BLOCK)
     quantized = layout.close_groups(wanted - set(not_multiple_16), all_linear)
-    exclude = layout.exclude_modules(all_linear, quantized, layout.routers(names), extra=layout.embeddings(names))
+    exclude = layout.exclude_modules(all_linear, quantized, layout.routers(names),
+                                     extra=layout.embeddings(names) + layout.passthrough_entries(names))
     layer_of = {n: layout.spec.layer_index(n) for n in names}
     layer_ids = sorted({i for i in layer_of.values() if i is not None})
     non_layer = [n for n in names if layer_of[n] is None]

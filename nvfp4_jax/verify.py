@@ -23,9 +23,11 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import zlib
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,7 @@ class _Verifier:
         if "compression_config" in cfg:
             self.add(ERROR, "config.json", "leftover 'compression_config' block (old compressed-"
                      "tensors key) from the source checkpoint")
+        self._check_nested_quant_configs(cfg, qc)
 
         qm = (qc or {}).get("quant_method") if isinstance(qc, dict) else None
         qfmt = (qc or {}).get("format") if isinstance(qc, dict) else None
@@ -232,6 +235,19 @@ class _Verifier:
                 lists.append(("config.json ignore", list(ign)))
         return lists
 
+    def _check_nested_quant_configs(self, cfg: dict, qc) -> None:
+        """A wrapper's nested configs (Kimi-K2.5's ``text_config``) may repeat the top-level block,
+        nothing else: transformers and SGLang's KimiK25Config copy a nested block to the top level,
+        so a stale source block there (the INT4 one) would replace the NVFP4 one."""
+        for key, sub in cfg.items():
+            nested = sub.get("quantization_config") if isinstance(sub, dict) else None
+            if nested is not None and nested != qc:
+                what = nested.get("quant_method") if isinstance(nested, dict) else type(nested).__name__
+                fmt = nested.get("format") if isinstance(nested, dict) else None
+                self.add(ERROR, "config.json", f"{key}.quantization_config is a leftover source block (quant_method "
+                         f"{what}{f' {fmt!r}' if fmt else ''}) differing from the top-level one; loaders copy it "
+                         f"to the top level and would load the NVFP4 tensors with the wrong method")
+
     def _check_ct_config(self, qc: dict, hq):
         if hq is not None:
             self.add(WARNING, "hf_quant_config.json", "present in a compressed-tensors checkpoint; "
@@ -290,8 +306,8 @@ class _Verifier:
                          f"requires one module per expert")
 
         linear = layout.linear_modules(names)
-        if "lm_head" in by_mod and "weight" in by_mod["lm_head"]:
-            linear = linear + ["lm_head"]
+        if layout.lm_head in by_mod and "weight" in by_mod[layout.lm_head]:
+            linear = linear + [layout.lm_head]
         for r in layout.routers(names):
             w = by_mod[r].get("weight")
             if w is not None and (w.dtype == "U8" or "weight_scale" in by_mod[r]):
@@ -426,6 +442,27 @@ class _Verifier:
                              f"fused group {short} has different {leaf}: {desc}; the engines keep one "
                              f"{leaf} per fused GEMM ({extra})")
 
+    # -- wrapper: vision tower and projector ---------------------------------------------
+    def check_passthrough(self, store: _Store, layout: Layout, lists: list[tuple[str, list[str]]]):
+        """A wrapper's modules outside the text model (vision tower, projector) stay unquantized
+        (both engines build them without a quantization config) and are named by every exclude
+        list, as the checkpoint spells them."""
+        mods = layout.passthrough_modules(store.tensors)
+        for m in mods:
+            for leaf in ("weight_packed", "weight_scale", "weight_scale_2", "input_scale", "weight_global_scale"):
+                if f"{m}.{leaf}" in store.tensors:
+                    self.add(ERROR, f"{m}.{leaf}", "vision/projector module is quantized; vLLM and SGLang build "
+                             "it without a quantization config")
+            w = store.tensors.get(f"{m}.weight")
+            if w is not None and w.dtype in ("U8", "F8_E4M3", "F8_E5M2"):
+                self.add(ERROR, f"{m}.weight", f"vision/projector weight is {w.dtype}; it must stay as the source had it")
+        for label, entries in lists:
+            missing = [m for m in mods if f"{m}.weight" in store.tensors and not _listed(m, entries)]
+            if missing:
+                self.add(ERROR, label, f"{len(missing)} vision/projector module(s) not excluded (first: {missing[0]}); "
+                         f"list them (e.g. {layout.passthrough_entries(store.tensors)}) so that no loader expects "
+                         f"NVFP4 tensors for them")
+
     # -- exclusions ------------------------------------------------------------------------
     def check_exclusions(self, layout: Layout, linear: list[str], quantized: set[str],
                          lists: list[tuple[str, list[str]]]):
@@ -478,7 +515,6 @@ class _Verifier:
                                  f"NVFP4 tensors: no entry of {label} excludes it")
 
     def _check_ct_ignore(self, layout, linear, quantized, lists):
-        import re
         for label, entries in lists:
             def ignored(m):
                 for e in entries:
@@ -535,6 +571,7 @@ class _Verifier:
                 self.add(INFO, "config.json", f"model_type {layout.model_type!r} has no dedicated "
                          f"layout; using generic name rules")
             linear, quantized, scalars = self.check_tensors(store, layout)
+            self.check_passthrough(store, layout, lists)
             if not quantized:
                 self.add(ERROR, str(self.root), "no quantized linear found")
             self.check_groups(layout, linear, quantized, scalars)
@@ -544,6 +581,19 @@ class _Verifier:
         finally:
             store.close()
         return self.findings
+
+
+def _listed(module: str, entries) -> bool:
+    """Whether an exclude/ignore entry names ``module``: exact, ModelOpt glob or ``re:`` regex."""
+    for e in entries:
+        if not isinstance(e, str):
+            continue
+        if e.startswith("re:"):
+            if re.match(e[3:], module):
+                return True
+        elif e == module or fnmatchcase(module, e):
+            return True
+    return False
 
 
 _SCAN_CHUNK = 64 << 20

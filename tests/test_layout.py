@@ -104,7 +104,7 @@ def assert_exact_and_safe(lay: Layout, names, quantized, ex):
     lin = lay.linear_modules(names)
     assert lay.check_exclude(ex, lin, quantized) == []
     # independent check through the public simulation functions, per checkpoint module
-    for m in lin + ["lm_head"]:
+    for m in lin + [lay.lm_head]:
         want = m not in quantized
         assert is_excluded_vllm(m, ex, layout=lay) == want, m
         assert is_excluded_vllm(m, ex, layout=lay, expand_star=False) == want, m
@@ -305,7 +305,7 @@ def test_family_spec_lookup():
     for mt in ("deepseek_v3", "kimi_k2"):
         assert family_spec({"model_type": mt}).default_preset == "mlp_only"
     # a wrapper without a spec of its own: the text_config's model_type and numbers
-    wrapper = {"model_type": "kimi_k25", "text_config": {"model_type": "kimi_k2", "num_hidden_layers": 61,
+    wrapper = {"model_type": "some_vlm", "text_config": {"model_type": "kimi_k2", "num_hidden_layers": 61,
                                                         "q_lora_rank": 1536}}
     spec = family_spec(wrapper)
     assert spec.name == "deepseek_v3" and spec.text_config(wrapper)["num_hidden_layers"] == 61
@@ -327,12 +327,13 @@ def _wrapped_names(L=3, E=2):
     return names
 
 
-def test_wrapper_layout_is_one_spec(monkeypatch):
+def test_wrapper_layout_is_one_spec():
     """A family whose decoder lives under language_model. and whose config under text_config needs
-    nothing but its spec: MTP rule, fused groups, presets and a safe exclude list follow from it."""
-    spec = dataclasses.replace(families.DEEPSEEK_V3, name="kimi_k25", model_types=("kimi_k25",),
-                               layer_prefix="language_model.model.layers.", text_config_key="text_config")
-    monkeypatch.setitem(families._BY_MODEL_TYPE, "kimi_k25", spec)
+    nothing but its spec (families.KIMI_K25): MTP rule, fused groups, presets and a safe exclude
+    list follow from it."""
+    assert families.KIMI_K25 == dataclasses.replace(
+        families.DEEPSEEK_V3, name="kimi_k25", model_types=("kimi_k25",), layer_prefix="language_model.model.layers.",
+        text_config_key="text_config", engine_renames=families.KIMI_K25.engine_renames)
     cfg = {"model_type": "kimi_k25", "num_hidden_layers": 99,  # the top level is not the decoder's
            "text_config": {"model_type": "kimi_k2", "num_hidden_layers": 3, "q_lora_rank": 64}}
     lay = get_layout(cfg)
@@ -347,6 +348,7 @@ def test_wrapper_layout_is_one_spec(monkeypatch):
         q = lay.close_groups(lay.quantized(lin, preset), lin)
         assert q and not any(m.startswith(("vision_tower", "mm_projector", "language_model.model.layers.3."))
                              for m in q)
-        ex = lay.exclude_modules(lin, q, lay.routers(names), extra=lay.embeddings(names))
+        ex = lay.exclude_modules(lin, q, lay.routers(names), extra=lay.embeddings(names) + lay.passthrough_entries(names))
         assert_exact_and_safe(lay, names, q, ex)
         assert not any(e.startswith("language_model.model*") or e == "language_model*" for e in ex)
+        assert {"vision_tower*", "mm_projector*", "language_model.lm_head", "lm_head"} <= set(ex)

@@ -506,6 +506,13 @@ def test_missing_deepseek_arch_keys(moe):
 
 def test_missing_deepseek_arch_keys_in_a_wrappers_text_config(moe):
     s = Sharded(moe)
+    # a wrapper's text model lives under language_model. (Kimi-K2.5)
+    s.files = {fn: ({"language_model." + n: t for n, t in ts.items()}, meta) for fn, (ts, meta) in s.files.items()}
+    s.wm = {"language_model." + n: fn for n, fn in s.wm.items()}
+    s.save()
+    # each entry in the checkpoint's spelling and vLLM's (language_model.model. -> language_model.)
+    s.set_excludes([sp for e in s.excludes() for sp in ("language_model." + e, "language_model." + e.replace(
+        "model.", "", 1) if e.startswith("model.") else e)])
     cfg = s.cfg()
     text = {k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures", "scoring_func")}
     s.set_cfg({"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",

@@ -54,6 +54,17 @@ def declared_group_sizes(qc: dict) -> set:
     return sizes
 
 
+def output_config(source_config: dict, quantization_config: dict) -> dict:
+    """The output's config.json: the source's, structure kept (a wrapper's ``text_config`` and
+    ``vision_config`` too), with ``quantization_config`` at the top level, where the engines read
+    it, and the source's own block dropped from every nested config (Kimi-K2.5 keeps its INT4
+    block in ``text_config``; engines copy a nested block to the top level)."""
+    out = {k: ({n: v for n, v in sub.items() if n != "quantization_config"} if isinstance(sub, dict) else sub)
+           for k, sub in source_config.items()}
+    out["quantization_config"] = quantization_config
+    return out
+
+
 class OutputFormat:
     """The interface of an output format; the ModelOpt names are the logical ones."""
 

@@ -40,6 +40,14 @@ SGLang (``python/sglang/srt/layers/quantization/modelopt_quant.py``, ``ModelOptQ
     ``kv_a_proj_with_mqa``, ``kv_b_proj`` and is a substring of the module's last part, the module
     is excluded -- in every layer, whatever the layer number in the entry.
   * entries starting with ``language_model.`` are also added without that prefix.
+
+Wrappers (Kimi-K2.5: the text model under ``language_model.``, a vision tower and a projector):
+the engines' ``kimi_k25.py`` rename checkpoint names before building modules
+(``FamilySpec.engine_renames``): vLLM ``language_model.model.layers.L`` -> ``language_model.layers.L``
+and ``language_model.lm_head`` -> ``lm_head``, with no weight mapper for the exclude list, so its
+entries must be written in those engine names too; SGLang strips ``language_model.`` (engine names
+``model.layers.L``, ``lm_head``) and matches entries with and without that prefix. Both build the
+vision tower and projector without a quantization config.
 """
 
 from __future__ import annotations
@@ -235,6 +243,11 @@ class Layout:
     def family(self) -> str:
         return self.spec.name
 
+    @property
+    def lm_head(self) -> str:
+        """The output head's module name in the checkpoint (``language_model.lm_head`` in a wrapper)."""
+        return self.spec.text_prefix + "lm_head"
+
     # -- names ---------------------------------------------------------------------------
     @staticmethod
     def module_of(name: str) -> tuple[str, str]:
@@ -269,9 +282,25 @@ class Layout:
         mods = set()
         for n in names:
             mod, leaf = self.module_of(n)
-            if leaf in ("weight", "weight_packed") and mod and self._is_linear_module(mod):
+            if leaf in ("weight", "weight_packed") and mod and self.spec.is_text(mod) and self._is_linear_module(mod):
                 mods.add(mod)
         return sorted(mods, key=natural_key)
+
+    def passthrough_modules(self, names: Iterable[str]) -> list[str]:
+        """Modules outside the text model of a wrapper (vision tower, projector): copied as they are,
+        never calibrated or quantized. Empty for a plain text model."""
+        mods = {self.module_of(n)[0] for n in names if not self.spec.is_text(n)}
+        return sorted(mods, key=natural_key)
+
+    def passthrough_entries(self, names: Iterable[str]) -> list[str]:
+        """Exclude entries for the passthrough modules: ``root*`` per top-level part (``vision_tower*``)."""
+        return sorted({m.split(".", 1)[0] + "*" for m in self.passthrough_modules(names)}, key=natural_key)
+
+    def spellings(self, entry: str) -> list[str]:
+        """An exclude entry and, where vLLM renames the checkpoint name, vLLM's engine spelling: vLLM
+        matches the list as written against its renamed modules (SGLang adds the stripped spelling
+        itself)."""
+        return list(dict.fromkeys((entry, self.spec.engine_rename(entry, "vllm"))))
 
     def routers(self, names: Iterable[str]) -> list[str]:
         mods = set()
@@ -370,10 +399,11 @@ class Layout:
         """The module name the engine builds for a checkpoint module (fused / FusedMoE names)."""
         mm = _EXPERT_RE.match(module)
         if mm:
-            return mm.group(1)
+            return self.spec.engine_rename(mm.group(1), engine)
         parent, _, leaf = module.rpartition(".")
         hit = self._leaf_group.get(leaf)
-        return module if hit is None else f"{parent}.{hit[0].engine_leaf[engine]}"
+        fused = module if hit is None else f"{parent}.{hit[0].engine_leaf[engine]}"
+        return self.spec.engine_rename(fused, engine)
 
     def engine_modules(self, modules: Iterable[str], engine: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -399,7 +429,7 @@ class Layout:
         """Problems (empty when safe): every engine module must be excluded exactly when its
         checkpoint modules are not quantized, under every simulated engine variant."""
         q = set(quantized)
-        mods = list(linear_modules) + (["lm_head"] if lm_head else [])
+        mods = list(linear_modules) + ([self.lm_head] if lm_head else [])
         problems = []
         for engine, variant in self.VARIANTS:
             for prefix, members in self.engine_modules(mods, engine).items():
@@ -435,7 +465,9 @@ class Layout:
                         lm_head: bool = True) -> list[str]:
         """The exclude_modules / ignore list: lm_head, routers, every linear not quantized (plus
         ``extra``, e.g. embeddings). Prefix wildcards are used only where no quantized module is
-        matched under any simulated vLLM/SGLang rule. Raises ValueError if no safe list exists.
+        matched under any simulated vLLM/SGLang rule. Each entry comes in the checkpoint's spelling
+        and, for a wrapper, in vLLM's engine spelling too (:meth:`spellings`). Raises ValueError if
+        no safe list exists.
         """
         all_lin = sorted(set(all_linear_modules), key=natural_key)
         q = set(quantized)
@@ -467,9 +499,17 @@ class Layout:
             if e not in entries:
                 entries.append(e)
 
-        always = (["lm_head"] if lm_head else []) + list(extra) + routers
+        def cover(e: str):
+            if e.endswith("*"):
+                base = e[:-1]
+                covered.update(x for x in unq if x == base or x.startswith(base + "."))
+
+        always = ([self.lm_head] if lm_head else []) + list(extra) + routers
         for m in always:
-            add(m)
+            for e in self.spellings(m):
+                if e == m or safe(e):
+                    add(e)
+                    cover(e)
         # units: a fused group is handled as one (engines need all shards on the same side and the
         # same entry form, else vLLM's exact-shard check raises)
         units: list[tuple[str, ...]] = []
@@ -487,13 +527,13 @@ class Layout:
             # shortest dotted ancestor wildcard, at least "<layer prefix>.L" deep
             min_depth = min(layer_depth, len(parts))
             for d in range(min_depth, len(parts)):
-                cand = ".".join(parts[:d]) + "*"
-                if safe(cand):
-                    chosen = [cand]
+                cand = self.spellings(".".join(parts[:d]) + "*")
+                if all(safe(c) for c in cand):
+                    chosen = cand
                     break
             if chosen is None:
                 for form in ("{}", "{}*"):
-                    cands = [form.format(m) for m in unit]
+                    cands = [c for m in unit for c in self.spellings(form.format(m))]
                     if all(safe(c) for c in cands):
                         chosen = cands
                         break
@@ -501,9 +541,7 @@ class Layout:
                 raise ValueError(f"no exclude entry for {unit} is safe under vLLM and SGLang rules")
             for c in chosen:
                 add(c)
-                if c.endswith("*"):
-                    base = c[:-1]
-                    covered.update(x for x in unq if x == base or x.startswith(base + "."))
+                cover(c)
             covered.update(unit)
         # engine-fused names where only unfused names were listed (SGLang without packed mapping)
         for _ in range(2):

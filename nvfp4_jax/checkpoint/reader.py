@@ -143,6 +143,27 @@ def _int4_group_size(qc: dict, path: Path) -> int:
     return found[0]
 
 
+def _parse_quant_block(qc, cfg_path: Path, where: str) -> dict:
+    """One ``quantization_config`` block of config.json (``where`` names it in errors)."""
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg_path}: {where} is not an object")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if block is None or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+            raise CheckpointError(
+                f"{cfg_path}: quant_method 'fp8' needs weight_block_size [bn, bk] (got {block!r}); "
+                "only block-wise FP8 (DeepSeek-V3 style) is supported"
+            )
+        return {"method": "fp8", "block": (block[0], block[1])}
+    if method == "compressed-tensors":
+        return {"method": "compressed-tensors", "group": _int4_group_size(qc, cfg_path)}
+    raise CheckpointError(
+        f"{cfg_path}: unknown {where}.quant_method {method!r}; supported source formats are "
+        "unquantized, 'fp8' (block-wise) and 'compressed-tensors' (pack-quantized int4)"
+    )
+
+
 class CheckpointReader:
     """Lazy view of an HF checkpoint directory; see the module docstring."""
 
@@ -159,25 +180,18 @@ class CheckpointReader:
     # -- construction ---------------------------------------------------------------------------
 
     def _parse_quant_config(self) -> dict:
-        qc = self.config.get("quantization_config")
+        """The source's quantization: config.json's top-level ``quantization_config`` or, in a
+        wrapper (Kimi-K2.5), its ``text_config``'s; where both exist they must agree."""
         cfg_path = self.path / "config.json"
-        if not qc:
-            return {"method": None}
-        method = qc.get("quant_method")
-        if method == "fp8":
-            block = qc.get("weight_block_size")
-            if block is None or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
-                raise CheckpointError(
-                    f"{cfg_path}: quant_method 'fp8' needs weight_block_size [bn, bk] (got {block!r}); "
-                    "only block-wise FP8 (DeepSeek-V3 style) is supported"
-                )
-            return {"method": "fp8", "block": (block[0], block[1])}
-        if method == "compressed-tensors":
-            return {"method": "compressed-tensors", "group": _int4_group_size(qc, cfg_path)}
-        raise CheckpointError(
-            f"{cfg_path}: unknown quantization_config.quant_method {method!r}; supported source formats are "
-            "unquantized, 'fp8' (block-wise) and 'compressed-tensors' (pack-quantized int4)"
-        )
+        tc = self.config.get("text_config")
+        found = [(where, _parse_quant_block(qc, cfg_path, where)) for where, qc in (
+            ("quantization_config", self.config.get("quantization_config")),
+            ("text_config.quantization_config", tc.get("quantization_config") if isinstance(tc, dict) else None))
+            if qc]
+        if len({json.dumps(q, sort_keys=True) for _, q in found}) > 1:
+            raise CheckpointError(f"{cfg_path}: {found[0][0]} ({found[0][1]}) and {found[1][0]} ({found[1][1]}) "
+                                  "declare different source quantizations")
+        return found[0][1] if found else {"method": None}
 
     def _fold(self) -> dict[str, TensorInfo]:
         st = self._stored

@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from nvfp4_jax.families import find_family_spec
+
 from .moe import ExpertNames, combine_experts, run_experts, sort_by_expert
 from .ops import LayerParams, ModelConfigError, Params, linear, rms_norm
 from .stats import LayerStats, RoutedExpertStats
@@ -88,7 +90,11 @@ class Family:
     expert_chunk_size: int | None = None
 
     def __init__(self, config: Mapping[str, Any]):
-        self.config = dict(config)
+        # a wrapper (Kimi-K2.5) runs its text model: text_config, tensor names under names_prefix
+        spec = find_family_spec(config)
+        wrapped = spec is not None and spec.text_config_key is not None
+        self.names_prefix = spec.text_prefix if wrapped else ""
+        self.config = dict(spec.text_config(config) if wrapped else config)
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if self.config.get(key) is None:
                 raise ModelConfigError(f"config.json has no {key!r}, which the {self.name} family needs")
@@ -99,29 +105,34 @@ class Family:
         return int((config or self.config)["num_hidden_layers"])
 
     def layer_prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}."
+        return f"{self.names_prefix}model.layers.{layer}."
 
     def layer_param_names(self, layer: int, all_names) -> list[str]:
         """Checkpoint tensor names that belong to decoder layer `layer`."""
         prefix = self.layer_prefix(layer)
         return [n for n in all_names if n.startswith(prefix)]
 
+    def tensor_name(self, name: str) -> str:
+        """The checkpoint name of a text-model tensor (``model.norm.weight`` -> a wrapper's
+        ``language_model.model.norm.weight``)."""
+        return self.names_prefix + name
+
     def embed_param_names(self, all_names=None) -> list[str]:
-        return ["model.embed_tokens.weight"]
+        return [self.tensor_name("model.embed_tokens.weight")]
 
     def head_param_names(self, all_names=None) -> list[str]:
         """Tensors `head` reads: the final norm and lm_head (the embedding when tied/absent)."""
-        names = ["model.norm.weight"]
+        names = [self.tensor_name("model.norm.weight")]
         if self._tied(all_names):
-            names.append("model.embed_tokens.weight")
+            names.append(self.tensor_name("model.embed_tokens.weight"))
         else:
-            names.append("lm_head.weight")
+            names.append(self.tensor_name("lm_head.weight"))
         return names
 
     def _tied(self, all_names=None) -> bool:
         if self.config.get("tie_word_embeddings", False):
             return True
-        return all_names is not None and "lm_head.weight" not in set(all_names)
+        return all_names is not None and self.tensor_name("lm_head.weight") not in set(all_names)
 
     def is_moe_layer(self, layer: int) -> bool:
         return False
@@ -147,16 +158,16 @@ class Family:
 
     # -- forward ---------------------------------------------------------------------------
     def embed(self, params: Params, input_ids, *, dtype=None) -> jax.Array:
-        w = LayerParams(params)["model.embed_tokens.weight"]
+        w = LayerParams(params)[self.tensor_name("model.embed_tokens.weight")]
         return _embed_jit(w, jnp.asarray(input_ids, jnp.int32), jnp.dtype(dtype or w.dtype))
 
     def head(self, params: Params, hidden: jax.Array) -> jax.Array:
         """Final norm + lm_head -> logits [B, S, V] in hidden's dtype."""
         p = LayerParams(params)
-        lm = p.optional("lm_head.weight")
+        lm = p.optional(self.tensor_name("lm_head.weight"))
         if lm is None or self.config.get("tie_word_embeddings", False):
-            lm = p["model.embed_tokens.weight"]
-        return _head_jit(p["model.norm.weight"], lm, hidden, float(self.spec.eps))
+            lm = p[self.tensor_name("model.embed_tokens.weight")]
+        return _head_jit(p[self.tensor_name("model.norm.weight")], lm, hidden, float(self.spec.eps))
 
     def layer_forward(self, layer: int, params: Params, hidden: jax.Array, *, dtype=jnp.bfloat16,
                       input_amax: Params | None = None) -> tuple[jax.Array, LayerStats]:
