@@ -601,7 +601,7 @@ _SCAN_CHUNK = 64 << 20
 
 def _scan_bytes(store: _Store, ref: TensorEntry) -> tuple[int, int, int]:
     """(CRC-32 of the tensor's bytes, count of NaN/Inf values, flat index of the first one or -1)."""
-    dt = DTYPES[ref.dtype] if ref.dtype.startswith(("F", "BF")) else None  # the floating dtypes
+    dt = DTYPES.get(ref.dtype) if ref.dtype.startswith(("F", "BF")) else None  # the floating dtypes
     fh = store.handle(ref)
     crc, bad, first, done = 0, 0, -1, 0
     step = _SCAN_CHUNK - _SCAN_CHUNK % (np.dtype(dt).itemsize if dt else 1)
