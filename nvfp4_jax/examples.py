@@ -360,11 +360,25 @@ def build_llama_tiny(path, seed: int = 0) -> Path:
     return path
 
 
-def kimi_k2_config(*, hidden=128, intermediate=256, moe_intermediate=64, layers=3, experts=16, top_k=2,
-                   heads=4, q_lora=64, kv_lora=32, nope=32, rope=16, v_head=32, vocab=512,
-                   first_dense=1, n_group=1, topk_group=1) -> dict:
-    """A Kimi-K2 config.json (real keys, including those vLLM/SGLang need), resized; ``vocab``
-    counts the tokenizer's ranks and its reserved special ids ([BOS] and [EOS] the first two)."""
+#: the sizes of kimi-k2-tiny; kimi_k2_config(**sizes) overrides any of them
+KIMI_K2_TINY_SIZES = {"hidden": 128, "intermediate": 256, "moe_intermediate": 64, "layers": 3, "experts": 16,
+                      "top_k": 2, "heads": 4, "q_lora": 64, "kv_lora": 32, "nope": 32, "rope": 16, "v_head": 32,
+                      "vocab": 512, "first_dense": 1, "n_group": 1, "topk_group": 1}
+
+
+def _sizes(defaults: dict, given: dict, what: str) -> dict:
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise TypeError(f"{what}: unknown size(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def kimi_k2_config(**sizes) -> dict:
+    """A Kimi-K2 config.json (real keys, including those vLLM/SGLang need), resized from
+    :data:`KIMI_K2_TINY_SIZES`; ``vocab`` counts the tokenizer's ranks and its reserved special ids
+    ([BOS] and [EOS] the first two)."""
+    (hidden, intermediate, moe_intermediate, layers, experts, top_k, heads, q_lora, kv_lora, nope, rope, v_head,
+     vocab, first_dense, n_group, topk_group) = _sizes(KIMI_K2_TINY_SIZES, sizes, "kimi_k2_config").values()
     first_special = vocab - KIMI_NUM_SPECIAL
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -499,9 +513,16 @@ KIMI_K25_REMOTE_CODE = {
 }
 
 
-def kimi_k25_vision_config(*, hidden=32, blocks=2, heads=2, intermediate=64, patch=14, pos_emb=4,
-                           merge=(2, 2), text_hidden=128) -> dict:
-    """A MoonViT ``vision_config`` in the keys of Kimi-K2.5's, resized."""
+#: the sizes of kimi-k2.5-tiny's vision tower; kimi_k25_vision_config(**sizes) overrides any of them
+KIMI_K25_VISION_TINY_SIZES = {"hidden": 32, "blocks": 2, "heads": 2, "intermediate": 64, "patch": 14, "pos_emb": 4,
+                              "merge": (2, 2), "text_hidden": 128}
+
+
+def kimi_k25_vision_config(**sizes) -> dict:
+    """A MoonViT ``vision_config`` in the keys of Kimi-K2.5's, resized from
+    :data:`KIMI_K25_VISION_TINY_SIZES`."""
+    hidden, blocks, heads, intermediate, patch, pos_emb, merge, text_hidden = _sizes(
+        KIMI_K25_VISION_TINY_SIZES, sizes, "kimi_k25_vision_config").values()
     return {"model_type": "moonvit3d", "patch_size": patch, "init_pos_emb_height": pos_emb,
             "init_pos_emb_width": pos_emb, "init_pos_emb_time": 4, "pos_emb_type": "divided_fixed",
             "vt_hidden_size": hidden, "vt_num_hidden_layers": blocks, "vt_num_attention_heads": heads,
