@@ -7,7 +7,7 @@ Each layer kind compiles once: the static spec and the pytree structure of the l
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,27 +20,34 @@ from .stats import LayerStats, RoutedExpertStats
 _EXPERTS = "mlp.experts."
 
 
-def _run_dense(layer_fn, spec, params, input_amax, hidden, sliding_window, collect_hessian=False):
-    p = LayerParams(params, input_amax, collect_hessian)
-    hidden = layer_fn(spec, p, hidden, sliding_window)
+class _Static(NamedTuple):
+    """The static options of one layer call (hashable: part of the jit cache key)."""
+
+    sliding_window: int | None
+    collect_hessian: bool
+
+
+def _run_dense(layer_fn, spec, params, input_amax, hidden, static: _Static):
+    p = LayerParams(params, input_amax, static.collect_hessian)
+    hidden = layer_fn(spec, p, hidden, static.sliding_window)
     p.check_input_amax_used()  # at trace time: once per set of names
     return hidden, p.observed, (p.hessian, p.rows)
 
 
-_run_dense_jit = jax.jit(_run_dense, static_argnames=("layer_fn", "spec", "sliding_window", "collect_hessian"))
+_run_dense_jit = jax.jit(_run_dense, static_argnames=("layer_fn", "spec", "static"))
 
 
-def _moe_pre(pre_fn, spec, params, input_amax, hidden, sliding_window, collect_hessian=False):
-    p = LayerParams(params, input_amax, collect_hessian)
-    h_resid, x_tokens, topk_ids, topk_w, shared_out = pre_fn(spec, p, hidden, sliding_window)
+def _moe_pre(pre_fn, spec, params, input_amax, hidden, static: _Static):
+    p = LayerParams(params, input_amax, static.collect_hessian)
+    h_resid, x_tokens, topk_ids, topk_w, shared_out = pre_fn(spec, p, hidden, static.sliding_window)
     p.check_input_amax_used()
     dispatch = sort_by_expert(x_tokens, topk_ids, spec.num_experts)
     gate_up_hessian = (expert_block_second_moment_sum(dispatch.x_sorted, dispatch.expert_sorted, spec.num_experts)
-                       if collect_hessian else None)
+                       if static.collect_hessian else None)
     return (h_resid, topk_ids, topk_w, shared_out), p.observed, dispatch, (p.hessian, p.rows, gate_up_hessian)
 
 
-_moe_pre_jit = jax.jit(_moe_pre, static_argnames=("pre_fn", "spec", "sliding_window", "collect_hessian"))
+_moe_pre_jit = jax.jit(_moe_pre, static_argnames=("pre_fn", "spec", "static"))
 
 
 def _moe_post(h_resid, y_sorted, order, topk_ids, topk_w, shared_out):
@@ -205,7 +212,7 @@ class Family:
                     f"layer {layer} has routed experts but the config makes it a dense layer "
                     "(check first_k_dense_replace / moe_layer_freq / decoder_sparse_step / mlp_only_layers)")
             hidden, observed, (hess, rows) = _run_dense_jit(type(self)._dense_layer, self.spec, local, local_amax,
-                                                            hidden, window, collect_hessian)
+                                                            hidden, _Static(window, collect_hessian))
             return hidden, LayerStats({prefix + k: v for k, v in observed.items()}, None,
                                       *_hessian_fields(prefix, hess, rows, collect_hessian))
         names = ExpertNames(prefix + "mlp.experts", self.spec.num_experts)
@@ -214,7 +221,7 @@ class Family:
         rest = {n: v for n, v in local.items() if not n.startswith(_EXPERTS)}
         rest_amax = {n: v for n, v in local_amax.items() if not n.startswith(_EXPERTS)}
         (h_resid, topk_ids, topk_w, shared_out), observed, dispatch, (hess, rows, gate_up_hess) = _moe_pre_jit(
-            type(self)._moe_pre, self.spec, rest, rest_amax, hidden, window, collect_hessian)
+            type(self)._moe_pre, self.spec, rest, rest_amax, hidden, _Static(window, collect_hessian))
         y_sorted, down_amax, *down_hess = run_experts(dispatch, weights, in_amax, act_name=self.spec.act,
                                                       chunk_size=self.expert_chunk_size, collect_hessian=collect_hessian)
         out = _moe_post_jit(h_resid, y_sorted, dispatch.order, topk_ids, topk_w, shared_out)
