@@ -16,6 +16,7 @@ import dataclasses
 from typing import Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nvfp4_jax import sharding
@@ -132,6 +133,55 @@ def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden:
     return list(out), stats
 
 
+@dataclasses.dataclass
+class LayerHessians:
+    """The local-hessian statistic of one layer (SPEC section 10.4): ``hessian[module]`` is the
+    mean block second moment ``H / tokens`` of the linear's input, f32 ``[K/16, 16, 16]`` on
+    device (gate/up of an expert share one array); ``without_tokens`` lists the routed-expert
+    linears no token reached (all-zero H: searched as mse)."""
+
+    hessian: dict[str, jax.Array]
+    without_tokens: list[str]
+
+
+def _add(total, value):
+    return value if total is None else total + value
+
+
+def collect_hessians(family, layer: int, params: Mapping[str, jax.Array], hidden: Sequence[jax.Array],
+                     input_amax: Mapping[str, float], *, dtype) -> LayerHessians:
+    """The second pass of local-hessian calibration over the layer's input batches ``hidden``:
+    the linears in ``input_amax`` (the max-calibrated amax of the quantized linears) get their
+    inputs NVFP4 fake-quantized, weights stay unquantized, and every linear's block second moments
+    are accumulated on device. Batches run one by one on the first device."""
+    device = jax.devices()[0]
+    sums: dict[str, jax.Array] = {}
+    rows: dict[str, jax.Array] = {}
+    gate_up = down = tokens = None
+    prefix = None
+    for h in hidden:
+        _, s = family.layer_forward(layer, params, jax.device_put(h, device), dtype=dtype, input_amax=input_amax,
+                                    collect_hessian=True)
+        for m, v in s.hessian.items():
+            sums[m], rows[m] = _add(sums.get(m), v), _add(rows.get(m), s.hessian_rows[m])
+        if s.experts is not None:
+            prefix = s.experts.prefix
+            gate_up, down = _add(gate_up, s.experts.gate_up_hessian), _add(down, s.experts.down_hessian)
+            tokens = _add(tokens, s.experts.tokens_per_expert)
+    hessian = {m: sums[m] / rows[m].astype(jnp.float32) for m in sums}
+    without = []
+    if prefix is not None:
+        counts = np.asarray(jax.device_get(tokens))
+        denom = jnp.maximum(tokens, 1).astype(jnp.float32)[:, None, None, None]
+        gate_up, down = gate_up / denom, down / denom
+        for e in range(len(counts)):
+            mods = [f"{prefix}.{e}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+            hessian.update({mods[0]: gate_up[e], mods[1]: gate_up[e], mods[2]: down[e]})
+            if counts[e] == 0:
+                without += mods
+    return LayerHessians(hessian, without)
+
+
 def backfill_expert_amax(stats: ExpertStats, policy: str, layer_name: str) -> tuple[np.ndarray, np.ndarray]:
     """Input amax for every routed expert of one layer (SPEC section 5).
 
@@ -212,6 +262,7 @@ def constant_input_amax(value_input_scale: float = 1.0) -> float:
 
 
 __all__ = [
-    "MOE_POLICIES", "CalibrationError", "ExpertStats", "CalibStats", "calibrate_layer", "backfill_expert_amax",
+    "MOE_POLICIES", "CalibrationError", "ExpertStats", "CalibStats", "calibrate_layer", "LayerHessians",
+    "collect_hessians", "backfill_expert_amax",
     "expert_input_amax", "unify_groups", "coverage_report", "constant_input_amax",
 ]

@@ -20,12 +20,20 @@ def _load_calibration(args, src: Path) -> list[list[int]] | None:
         num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size))
 
 
+def _weight_scales_line(ws: dict) -> str:
+    line = f"{ws['mode']}, weight relative squared error {ws['relative_squared_error']:.4g}"
+    if "mse_fallback_linears" in ws:
+        line += f", {ws['mse_fallback_linears']} linear(s) without input statistics searched as mse"
+    return line
+
+
 def _print_report(report: dict) -> None:
     rows = [
         ("model", f"{report['family']} ({report['model_type']}), {report['layers']} layers, preset {report['preset']}"),
         ("linears quantized", f"{report['linears_quantized']} of {report['linears_total']} "
                               f"({report['linears_excluded']} excluded)"),
         ("calibration", json.dumps(report["calibration"])),
+        ("weight scales", _weight_scales_line(report["weight_scales"])),
         ("K % 16 != 0 (bf16)", ", ".join(report["excluded_k_not_multiple_of_16"]) or "none"),
         ("zero weight amax", ", ".join(report["zero_weight_amax_modules"]) or "none"),
     ]
@@ -49,7 +57,7 @@ def cmd_convert(args) -> int:
         calib_tokens=_load_calibration(args, src), num_samples=args.num_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, preset=args.preset, moe_policy=args.moe_policy,
         input_scale_constant=args.input_scale_constant, fmt=args.format, shard_size=args.shard_size,
-        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, weight_scales=args.weight_scales,
         inputs=tuple(Path(p) for p in (args.calib, args.calib_tokens) if p))
     if args.coordinator or args.num_processes > 1:
         from nvfp4_jax.distributed import Processes, convert_distributed
@@ -155,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--moe-policy", choices=["layer-max", "per-expert"], default="layer-max",
                    help="input amax of routed experts: the layer's max for every expert, or each "
                         "expert's own (the layer's max for experts without tokens)")
+    c.add_argument("--weight-scales", choices=["max", "mse", "four-over-six", "local-hessian"], default="max",
+                   help="block scales of the weights: max, or searched per block (mse: E4M3 sweep; "
+                        "four-over-six; local-hessian: error weighted by the inputs' second moments, "
+                        "needs calibration), docs/SPEC.md section 10")
     c.add_argument("--input-scale-constant", type=float,
                    help="calibration-free: every input_scale = this value, NVIDIA ships 1.0 "
                         "(default: none, calibrate)")

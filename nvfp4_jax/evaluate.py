@@ -424,6 +424,7 @@ def evaluate(src, ckpt, *, num_samples: int = 8, seq_len: int = 64, text: Option
     report = {
         "source": str(src), "checkpoint": str(ckpt), "family": res["family"], "format": res["format"],
         "compute_dtype": jnp.dtype(dtype).name,
+        "weight_scales": weight_scales_mode(ckpt),
         "text": "built-in held-out paragraph" if text is None else "user file",
         "samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
         **summary,
@@ -436,6 +437,17 @@ def evaluate(src, ckpt, *, num_samples: int = 8, seq_len: int = 64, text: Option
     return report, kl
 
 
+def weight_scales_mode(ckpt) -> str:
+    """The ``--weight-scales`` mode the conversion report of ``ckpt`` names ("unknown" for a
+    checkpoint without an nvfp4-jax report, e.g. ModelOpt's)."""
+    try:
+        report = json.loads((Path(ckpt) / "nvfp4_report.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    ws = report.get("weight_scales") if isinstance(report, dict) else None
+    return str(ws.get("mode", "unknown")) if isinstance(ws, dict) else "max" if ws is None else "unknown"
+
+
 def _aggregate(modules: dict) -> dict:
     if not modules:
         return {"modules": 0}
@@ -443,6 +455,7 @@ def _aggregate(modules: dict) -> dict:
     n2 = sum(v["norm2"] for v in modules.values())
     errs = [v["rel_error"] for v in modules.values()]
     return {"modules": len(modules), "rel_error": math.sqrt(e2 / n2) if n2 > 0 else 0.0,
+            "rel_squared_error": e2 / n2 if n2 > 0 else 0.0,
             "mean_module_rel_error": float(np.mean(errs)), "max_module_rel_error": float(max(errs))}
 
 
@@ -453,6 +466,7 @@ def print_table(report: dict, file=sys.stdout) -> None:
         f"nvfp4-jax eval  {report['checkpoint']}  vs  {report['source']}",
         f"  {report['family']} / {report['format']}, {report['samples']} x {report['seq_len']} held-out tokens, "
         f"{report['compute_dtype']}",
+        f"  {'weight scales':<24}{report['weight_scales']} (W4A4: KL, top-1 and errors below are of this mode)",
         f"  {'KL(src||nvfp4) mean':<24}{k['mean']:.4g}   median {k['median']:.4g}   p99 {k['p99']:.4g}   "
         f"max {k['max']:.4g}",
         f"  {'top-1 agreement':<24}{report['top1_agreement']:.2%}",
@@ -460,8 +474,8 @@ def print_table(report: dict, file=sys.stdout) -> None:
         f"({(p['nvfp4'] / p['source'] - 1) * 100:+.2f}%)",
     ]
     if w.get("modules"):
-        lines.append(f"  {'weight rel. error':<24}{w['rel_error']:.4f} overall, module max "
-                     f"{w['max_module_rel_error']:.4f} ({w['modules']} quantized modules)")
+        lines.append(f"  {'weight rel. error':<24}{w['rel_error']:.4f} overall (squared {w['rel_squared_error']:.4g}), "
+                     f"module max {w['max_module_rel_error']:.4f} ({w['modules']} quantized modules)")
     if report["routing_agreement"]:
         same = np.mean([v["same_topk_set"] for v in report["routing_agreement"].values()])
         lines.append(f"  {'MoE routing':<24}{same:.2%} of tokens keep the same top-k experts (mean over layers)")
@@ -501,4 +515,4 @@ def run_eval(src: Path, ckpt: Path, out=None, num_samples: int = 8, seq_len: int
 
 
 __all__ = ["EvalError", "HELDOUT_TEXT", "NVFP4Checkpoint", "evaluate", "forward_both", "heldout_tokens",
-           "input_amax_from_scale", "metrics", "run_eval"]
+           "input_amax_from_scale", "metrics", "run_eval", "weight_scales_mode"]

@@ -11,18 +11,24 @@ which on a GPU is far more than the kernels themselves. Here the work is three s
 3. quantize: one jitted call per chunk of same-shaped weights (stacked inside the jit), then a
    single ``device_get`` of every result of the layer.
 
-Bytes equal :func:`nvfp4_jax.numerics.quantize` of each weight with its group amax.
+With the default mode ``max``, bytes equal :func:`nvfp4_jax.numerics.quantize` of each weight with
+its group amax; another ``--weight-scales`` mode gives the bytes of
+:func:`nvfp4_jax.weight_scales.quantize_with_mode` of each weight with its group amax (and, for
+``local-hessian``, its input's block second moments). Every mode also reports each weight's squared
+reconstruction error against the weight it was given.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import numerics
+from nvfp4_jax import numerics, weight_scales
 from nvfp4_jax.errors import NVFP4Error
 
 EXPERT_CHUNK = 64  # weights per jitted call: bounds the stacked copy on device
@@ -47,6 +53,20 @@ def _chunk_quantize(ws, amax):
     return numerics.quantize(jnp.stack(ws), amax, check=False)
 
 
+@functools.partial(jax.jit, static_argnames=("mode",))
+def _chunk_search(ws, amax, hessians, mode):
+    h = None if hessians is None else jnp.stack(hessians)
+    return weight_scales.quantize_with_mode(jnp.stack(ws), mode, amax, h, check=False)
+
+
+@jax.jit
+def _chunk_error(ws, q):
+    """Per weight of the chunk: (sum (w - dequant)^2, sum w^2), float32."""
+    w = jnp.stack(ws).astype(jnp.float32)
+    d = w - numerics.dequantize(q)
+    return jnp.sum(d * d, axis=(-2, -1)), jnp.sum(w * w, axis=(-2, -1))
+
+
 def _chunks(weights: Mapping[str, jax.Array], modules: Sequence[str], chunk: int) -> list[list[str]]:
     """Modules batched by (shape, dtype), in sorted order, at most ``chunk`` per batch."""
     by_kind: dict[tuple, list[str]] = {}
@@ -60,19 +80,45 @@ def _group_max(amax: jax.Array, group_ids: np.ndarray, num_groups: int) -> jax.A
     return jax.ops.segment_max(amax, jnp.asarray(group_ids), num_segments=num_groups)[jnp.asarray(group_ids)]
 
 
+@dataclasses.dataclass
 class QuantizedLayer:
     """The result: ``tensors[module]`` is an :class:`numerics.NVFP4Tensor` of numpy arrays;
-    ``zero_weight_amax`` lists modules whose weight (and group) is all zeros."""
+    ``zero_weight_amax`` lists modules whose weight (and group) is all zeros;
+    ``squared_error[module]`` / ``squared_norm[module]``: ``sum (w - dequant)^2`` and ``sum w^2``."""
 
-    def __init__(self, tensors: dict[str, numerics.NVFP4Tensor], zero_weight_amax: list[str]):
-        self.tensors, self.zero_weight_amax = tensors, zero_weight_amax
+    tensors: dict[str, numerics.NVFP4Tensor]
+    zero_weight_amax: list[str]
+    squared_error: dict[str, float] = dataclasses.field(default_factory=dict)
+    squared_norm: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _check_mode(mode: str, hessians) -> None:
+    if mode not in weight_scales.MODES:
+        raise ValueError(f"unknown weight-scale mode {mode!r}; choose one of {', '.join(weight_scales.MODES)}")
+    if hessians is not None and mode != "local-hessian":
+        raise ValueError(f"hessians are only used by mode 'local-hessian', not {mode!r}")
+
+
+def _chunk_hessians(hessians, batch: Sequence[str], weights):
+    """The chunk's per-weight hessians for local-hessian; an all-zero one (plain mse) where a weight
+    has none."""
+    kb = weights[batch[0]].shape[-1] // numerics.BLOCK
+    zero = jnp.zeros((kb, numerics.BLOCK, numerics.BLOCK), jnp.float32)
+    return tuple(hessians.get(m, zero) for m in batch)
 
 
 def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[str]] = (), *,
-                   mesh=None, chunk: int = EXPERT_CHUNK) -> QuantizedLayer:
+                   mesh=None, chunk: int = EXPERT_CHUNK, mode: str = "max",
+                   hessians: Optional[Mapping[str, jax.Array]] = None) -> QuantizedLayer:
     """Quantize every weight of ``weights`` (module name -> ``[N, K]`` array); members of each fused
-    group in ``groups`` (only those present are used) share one amax. With a multi-device ``mesh``
-    the stacked chunks are split over its devices."""
+    group in ``groups`` (only those present are used) share one amax. ``mode``: the block-scale
+    rule (:data:`nvfp4_jax.weight_scales.MODES`); ``hessians`` (``local-hessian`` only): module ->
+    f32 ``[K/16, 16, 16]`` input second moments, a module without one is searched as ``mse``. With
+    a multi-device ``mesh`` the stacked chunks of ``max`` are split over its devices (the searches
+    run on the default device)."""
+    _check_mode(mode, hessians)
+    if mode == "local-hessian" and hessians is None:
+        hessians = {}
     modules = sorted(weights)
     if not modules:
         return QuantizedLayer({}, [])
@@ -94,23 +140,30 @@ def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[s
                               + (f" ({len(bad) - 1} more weight(s) of this layer too)" if len(bad) > 1 else ""))
     zero = sorted(m for m in order if shared[pos[m]] == 0.0)
 
-    results = []
+    results, errors = [], []
     for b in batches:
         lo = pos[b[0]]
         a = unified[lo:lo + len(b)]
-        if mesh is not None and mesh.size > 1:
+        ws = tuple(weights[m] for m in b)
+        if mode != "max":
+            h = _chunk_hessians(hessians, b, weights) if mode == "local-hessian" else None
+            q = _chunk_search(ws, a, h, mode)
+        elif mesh is not None and mesh.size > 1:
             from nvfp4_jax import sharding
 
-            results.append(sharding.quantize_sharded([weights[m] for m in b], a, mesh, check=False))
+            q = sharding.quantize_sharded(list(ws), a, mesh, check=False)
         else:
-            results.append(_chunk_quantize(tuple(weights[m] for m in b), a))
-    results = jax.device_get(results)  # one transfer for the whole layer
-    tensors = {}
-    for b, q in zip(batches, results):
+            q = _chunk_quantize(ws, a)
+        results.append(q)
+        errors.append(_chunk_error(ws, q))
+    results, errors = jax.device_get((results, errors))  # one transfer for the whole layer
+    out = QuantizedLayer({}, zero)
+    for b, q, (err, norm) in zip(batches, results, errors):
         for j, m in enumerate(b):
-            tensors[m] = numerics.NVFP4Tensor(np.asarray(q.weight[j]), np.asarray(q.weight_scale[j]),
-                                              np.asarray(q.weight_scale_2[j], np.float32).reshape(()))
-    return QuantizedLayer(tensors, zero)
+            out.tensors[m] = numerics.NVFP4Tensor(np.asarray(q.weight[j]), np.asarray(q.weight_scale[j]),
+                                                  np.asarray(q.weight_scale_2[j], np.float32).reshape(()))
+            out.squared_error[m], out.squared_norm[m] = float(err[j]), float(norm[j])
+    return out
 
 
 def input_scales(input_amax: Mapping[str, float]) -> dict[str, np.ndarray]:

@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import __version__, calib_data, fingerprint, guards, numerics, sharding
+from nvfp4_jax import __version__, calib_data, fingerprint, guards, numerics, sharding, weight_scales
 from nvfp4_jax.finite import check_finite
 from nvfp4_jax.layer_quant import input_scales, quantize_layer
 from nvfp4_jax.progress import Progress
 from nvfp4_jax.calibration import (
-    CalibrationError, CalibStats, MOE_POLICIES, calibrate_layer, constant_input_amax, coverage_report,
-    expert_input_amax, unify_groups,
+    CalibrationError, CalibStats, LayerHessians, MOE_POLICIES, calibrate_layer, collect_hessians,
+    constant_input_amax, coverage_report, expert_input_amax, unify_groups,
 )
 from nvfp4_jax.checkpoint.formats import output_config
 from nvfp4_jax.checkpoint.reader import CheckpointReader
@@ -60,6 +60,7 @@ class ConvertOptions:
     compute_dtype: str = "bfloat16"
     progress: bool = True
     inputs: tuple = ()  # other files the run reads (the calibration file): OUT may not overlap them
+    weight_scales: str = "max"  # block-scale rule: max | mse | four-over-six | local-hessian (SPEC section 10)
 
 
 def _peak_rss_mb() -> float:
@@ -142,6 +143,9 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
     _check_options(opt)
     guards.check_output_path(out, [src, *opt.inputs])
     coordinator = coordinator or LocalCoordinator()
+    if opt.weight_scales == "local-hessian" and coordinator.num_processes > 1:
+        raise UsageError("--weight-scales local-hessian runs in one process only (its input statistics are "
+                         "not exchanged between processes)")
     with contextlib.ExitStack() as cleanup:
         reader = CheckpointReader(src)  # validates every file before anything is written
         cleanup.callback(reader.close)
@@ -163,6 +167,11 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
 def _check_options(opt: ConvertOptions) -> None:
     calib_data.check_one_source(calib_tokens=opt.calib_tokens, input_scale_constant=opt.input_scale_constant)
     calib_data.check_sizes(opt.num_samples, opt.seq_len, opt.batch_size)
+    if opt.weight_scales not in weight_scales.MODES:
+        raise UsageError(f"unknown --weight-scales {opt.weight_scales!r}; choose one of {weight_scales.MODES}")
+    if opt.weight_scales == "local-hessian" and opt.input_scale_constant is not None:
+        raise UsageError("--weight-scales local-hessian needs calibration data (the second moments of the "
+                         "linears' inputs); it cannot run with --input-scale-constant")
     if opt.moe_policy not in MOE_POLICIES:
         raise UsageError(f"unknown --moe-policy {opt.moe_policy!r}; choose one of {MOE_POLICIES}")
     if opt.input_scale_constant is None and not opt.calib_tokens:
@@ -250,6 +259,7 @@ def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) ->
         return stats
     params = _read_layer(run, unit)
     layer_stats = CalibStats()
+    layer_input = list(hidden)  # local-hessian's second pass runs over the same input
     if calibrate:
         with run.timer("calibrate"):
             hidden[:], layer_stats = calibrate_layer(run.family, unit.layer, params, hidden,
@@ -257,7 +267,7 @@ def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) ->
             layer_stats = run.coordinator.allreduce_stats(unit.name, layer_stats)
         stats = stats.merge(layer_stats)
     if not done:  # a resumed unit only advanced the calibration activations
-        info = _quantize_and_write(run, unit, params, layer_stats)
+        info = _quantize_and_write(run, unit, params, layer_stats, layer_input if calibrate else [])
         run.writer.finish_unit(unit.name, {**info, "source_sample_crc32": source_crc})
     return stats
 
@@ -314,9 +324,11 @@ def _write_unquantized(run: _Run, unit: UnitPlan, source_crc: str) -> None:
     run.writer.finish_unit(unit.name, {"tensors": len(mine), "source_sample_crc32": source_crc})
 
 
-def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: CalibStats) -> dict:
+def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: CalibStats,
+                        layer_input: list) -> dict:
     """Quantize this process's linears of the layer and hand its tensors to the writer, in add
-    order; the unit's info for the manifest and report."""
+    order; the unit's info for the manifest and report. ``layer_input``: the calibration batches
+    that entered the layer (local-hessian's statistics pass; empty for an uncalibrated layer)."""
     mods = sorted({_module(n) for n in unit.source_names()} & run.plan.quantized)
     groups = [g for g in run.plan.groups if g[0] in mods]
     with run.timer("quantize"):
@@ -324,8 +336,10 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
         # fused groups are owned whole (ConversionPlan.owners), so the unification above is complete
         mods = [m for m in mods if f"{m}.weight" in run.owned]
         groups = [g for g in groups if g[0] in mods]
+        hess = _hessians(run, unit.layer, params, layer_input, in_amax)
         # weight amax: lazily from the weight (SPEC section 5), unified over fused groups, on device
-        quantized = quantize_layer({m: params[f"{m}.weight"] for m in mods}, groups, mesh=run.mesh)
+        quantized = quantize_layer({m: params[f"{m}.weight"] for m in mods}, groups, mesh=run.mesh,
+                                   mode=run.opt.weight_scales, hessians=None if hess is None else hess.hessian)
         results, zero_amax = quantized.tensors, quantized.zero_weight_amax
         in_scale = input_scales({m: in_amax[m] for m in mods})
     with run.timer("write"):
@@ -335,11 +349,28 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
                 _add_quantized(run.writer, _module(n), results[_module(n)], in_scale[_module(n)])
             else:
                 run.writer.add(n, _unquantized(run.reader, n))
-    info = {"quantized": len(mods), "tensors": len(mine), "zero_weight_amax": zero_amax}
+    info = {"quantized": len(mods), "tensors": len(mine), "zero_weight_amax": zero_amax,
+            "weight_squared_error": sum(quantized.squared_error.values()),
+            "weight_squared_norm": sum(quantized.squared_norm.values())}
+    if hess is not None:  # linears searched as mse for want of a statistic (no token, not calibrated)
+        info["hessian_mse_fallback"] = sorted(m for m in mods if m not in hess.hessian or m in hess.without_tokens)
     if layer_stats.experts:
         (e,) = layer_stats.experts.values()
         info["experts_without_tokens"] = int((e.tokens_per_expert == 0).sum())
     return info
+
+
+def _hessians(run: _Run, layer: int, params: dict, layer_input: list, in_amax: dict):
+    """local-hessian's statistics of the layer (None for the other modes): a second forward over
+    the layer's calibration input with the quantized linears' inputs fake-quantized with their
+    max-calibrated amax (SPEC section 10.4)."""
+    if run.opt.weight_scales != "local-hessian":
+        return None
+    if not layer_input:
+        return LayerHessians({}, [])
+    with run.timer("calibrate"):
+        return collect_hessians(run.family, layer, params, layer_input,
+                                {m: np.float32(a) for m, a in in_amax.items()}, dtype=run.dtype)
 
 
 def _input_amax(run: _Run, layer: int, mods: list, layer_stats: CalibStats) -> dict[str, float]:
@@ -387,6 +418,19 @@ def _write_outputs(run: _Run, stats: CalibStats, units: dict, manifests: Optiona
     return report
 
 
+def _weight_scales_report(mode: str, units: dict) -> dict:
+    """The mode, the weights' relative squared reconstruction error over every quantized linear
+    (``sum (w - dequant)^2 / sum w^2``), and local-hessian's mse fallbacks."""
+    err = sum(u.get("weight_squared_error", 0.0) for u in units.values())
+    norm = sum(u.get("weight_squared_norm", 0.0) for u in units.values())
+    out = {"mode": mode, "relative_squared_error": err / norm if norm > 0 else 0.0}
+    if mode == "local-hessian":
+        fallback = sorted(m for u in units.values() for m in u.get("hessian_mse_fallback", []))
+        out["mse_fallback_linears"] = len(fallback)
+        out["mse_fallback_modules"] = fallback
+    return out
+
+
 def _report(run: _Run, stats: CalibStats, units: dict) -> dict:
     p, opt, calibrated = run.plan, run.opt, run.family is not None
     coverage = coverage_report(stats) if calibrated else {}
@@ -399,6 +443,7 @@ def _report(run: _Run, stats: CalibStats, units: dict) -> dict:
         "preset": p.preset,
         "format": p.fmt.name,
         "moe_policy": opt.moe_policy,
+        "weight_scales": _weight_scales_report(opt.weight_scales, units),
         "calibration": (
             {"samples": len(run.samples), "tokens": int(sum(len(s) for s in run.samples)),
              "batch_size": opt.batch_size}

@@ -24,7 +24,7 @@ from nvfp4_jax.checkpoint.safetensors_io import DTYPES
 NON_LAYER = "non_layer"
 # options that change the bytes of the output: a resume must use the same values
 OUTPUT_SETTINGS = ("preset", "moe_policy", "input_scale_constant", "fmt", "shard_size", "compute_dtype",
-                   "batch_size", "num_samples", "seq_len")
+                   "batch_size", "num_samples", "seq_len", "weight_scales")
 
 
 def layer_unit(layer: int) -> str:

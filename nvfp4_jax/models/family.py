@@ -7,13 +7,14 @@ Each layer kind compiles once: the static spec and the pytree structure of the l
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from nvfp4_jax.families import find_family_spec
 
+from .hessian import expert_block_second_moment_sum
 from .moe import ExpertNames, combine_experts, run_experts, sort_by_expert
 from .ops import LayerParams, ModelConfigError, Params, linear, rms_norm
 from .stats import LayerStats, RoutedExpertStats
@@ -21,25 +22,34 @@ from .stats import LayerStats, RoutedExpertStats
 _EXPERTS = "mlp.experts."
 
 
-def _run_dense(layer_fn, spec, params, input_amax, hidden, sliding_window):
-    p = LayerParams(params, input_amax)
-    hidden = layer_fn(spec, p, hidden, sliding_window)
+class _Static(NamedTuple):
+    """The static options of one layer call (hashable: part of the jit cache key)."""
+
+    sliding_window: int | None
+    collect_hessian: bool
+
+
+def _run_dense(layer_fn, spec, params, input_amax, hidden, static: _Static):
+    p = LayerParams(params, input_amax, static.collect_hessian)
+    hidden = layer_fn(spec, p, hidden, static.sliding_window)
     p.check_input_amax_used()  # at trace time: once per set of names
-    return hidden, p.observed
+    return hidden, p.observed, (p.hessian, p.rows)
 
 
-_run_dense_jit = jax.jit(_run_dense, static_argnames=("layer_fn", "spec", "sliding_window"))
+_run_dense_jit = jax.jit(_run_dense, static_argnames=("layer_fn", "spec", "static"))
 
 
-def _moe_pre(pre_fn, spec, params, input_amax, hidden, sliding_window):
-    p = LayerParams(params, input_amax)
-    h_resid, x_tokens, topk_ids, topk_w, shared_out = pre_fn(spec, p, hidden, sliding_window)
+def _moe_pre(pre_fn, spec, params, input_amax, hidden, static: _Static):
+    p = LayerParams(params, input_amax, static.collect_hessian)
+    h_resid, x_tokens, topk_ids, topk_w, shared_out = pre_fn(spec, p, hidden, static.sliding_window)
     p.check_input_amax_used()
     dispatch = sort_by_expert(x_tokens, topk_ids, spec.num_experts)
-    return (h_resid, topk_ids, topk_w, shared_out), p.observed, dispatch
+    gate_up_hessian = (expert_block_second_moment_sum(dispatch.x_sorted, dispatch.expert_sorted, spec.num_experts)
+                       if static.collect_hessian else None)
+    return (h_resid, topk_ids, topk_w, shared_out), p.observed, dispatch, (p.hessian, p.rows, gate_up_hessian)
 
 
-_moe_pre_jit = jax.jit(_moe_pre, static_argnames=("pre_fn", "spec", "sliding_window"))
+_moe_pre_jit = jax.jit(_moe_pre, static_argnames=("pre_fn", "spec", "static"))
 
 
 def _moe_post(h_resid, y_sorted, order, topk_ids, topk_w, shared_out):
@@ -51,6 +61,13 @@ def _moe_post(h_resid, y_sorted, order, topk_ids, topk_w, shared_out):
 
 
 _moe_post_jit = jax.jit(_moe_post)
+
+
+def _hessian_fields(prefix: str, hessian, rows, collected: bool) -> tuple:
+    """LayerStats' (hessian, hessian_rows) under checkpoint module names; (None, None) if not collected."""
+    if not collected:
+        return None, None
+    return {prefix + k: v for k, v in hessian.items()}, {prefix + k: v for k, v in rows.items()}
 
 
 def _embed(w, input_ids, dtype):
@@ -170,7 +187,7 @@ class Family:
         return _head_jit(p[self.tensor_name("model.norm.weight")], lm, hidden, float(self.spec.eps))
 
     def layer_forward(self, layer: int, params: Params, hidden: jax.Array, *, dtype=jnp.bfloat16,
-                      input_amax: Params | None = None) -> tuple[jax.Array, LayerStats]:
+                      input_amax: Params | None = None, collect_hessian: bool = False) -> tuple[jax.Array, LayerStats]:
         """Run decoder layer `layer` on hidden [B, S, H] -> (hidden, LayerStats).
 
         params: checkpoint-named tensors; only the names of this layer are read (the dict may hold
@@ -181,6 +198,9 @@ class Family:
         routed experts are all given or none. Modules of other layers are ignored. The statistics
         are always those of the unquantized inputs; for a MoE layer they include the routing,
         stats.experts.topk_ids int32 [B*S, k], ascending per token.
+        collect_hessian (local-hessian weight scales): the statistics also hold the block
+        second-moment sums of every linear's input (LayerStats.hessian, per expert in
+        RoutedExpertStats.gate_up_hessian / down_hessian), taken before the linear's own fake quant.
         """
         if not 0 <= layer < self.num_layers():
             raise ModelConfigError(f"layer {layer} is out of range 0..{self.num_layers() - 1}")
@@ -196,22 +216,25 @@ class Family:
                 raise ModelConfigError(
                     f"layer {layer} has routed experts but the config makes it a dense layer "
                     "(check first_k_dense_replace / moe_layer_freq / decoder_sparse_step / mlp_only_layers)")
-            hidden, observed = _run_dense_jit(type(self)._dense_layer, self.spec, local, local_amax, hidden, window)
-            return hidden, LayerStats({prefix + k: v for k, v in observed.items()})
+            hidden, observed, (hess, rows) = _run_dense_jit(type(self)._dense_layer, self.spec, local, local_amax,
+                                                            hidden, _Static(window, collect_hessian))
+            return hidden, LayerStats({prefix + k: v for k, v in observed.items()}, None,
+                                      *_hessian_fields(prefix, hess, rows, collect_hessian))
         names = ExpertNames(prefix + "mlp.experts", self.spec.num_experts)
         weights = names.weights(params)
         in_amax = names.input_amax(input_amax or {})
         rest = {n: v for n, v in local.items() if not n.startswith(_EXPERTS)}
         rest_amax = {n: v for n, v in local_amax.items() if not n.startswith(_EXPERTS)}
-        (h_resid, topk_ids, topk_w, shared_out), observed, dispatch = _moe_pre_jit(
-            type(self)._moe_pre, self.spec, rest, rest_amax, hidden, window)
-        y_sorted, down_amax = run_experts(dispatch, weights, in_amax, act_name=self.spec.act,
-                                          chunk_size=self.expert_chunk_size)
+        (h_resid, topk_ids, topk_w, shared_out), observed, dispatch, (hess, rows, gate_up_hess) = _moe_pre_jit(
+            type(self)._moe_pre, self.spec, rest, rest_amax, hidden, _Static(window, collect_hessian))
+        y_sorted, down_amax, *down_hess = run_experts(dispatch, weights, in_amax, act_name=self.spec.act,
+                                                      chunk_size=self.expert_chunk_size, collect_hessian=collect_hessian)
         out = _moe_post_jit(h_resid, y_sorted, dispatch.order, topk_ids, topk_w, shared_out)
         experts = RoutedExpertStats(
             names.prefix, dispatch.gate_up_input_amax, down_amax, dispatch.group_sizes,
-            jnp.sort(topk_ids, axis=-1).astype(jnp.int32))
-        return out, LayerStats({prefix + k: v for k, v in observed.items()}, experts)
+            jnp.sort(topk_ids, axis=-1).astype(jnp.int32), gate_up_hess, down_hess[0] if down_hess else None)
+        return out, LayerStats({prefix + k: v for k, v in observed.items()}, experts,
+                               *_hessian_fields(prefix, hess, rows, collect_hessian))
 
     def forward(self, params: Params, input_ids, *, dtype=jnp.bfloat16):
         """Whole model: logits [B, S, V] and the LayerStats of every layer (tests, evaluation)."""

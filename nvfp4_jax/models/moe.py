@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .hessian import expert_block_second_moment_sum
 from .ops import ModelConfigError, Params, activation, input_fake_quant_rows
 
 EXPERT_STACK_BYTES = 2 << 30  # default bound on the experts stacked at once for one grouped matmul
@@ -124,12 +125,13 @@ def _stack_experts(weights: ExpertWeights, dtype):
 
 
 def experts_chunk(dispatch: Dispatch, start, weights: ExpertWeights, in_amax: ExpertInputAmax | None = None,
-                  *, act_name: str):
+                  *, act_name: str, collect_hessian: bool = False):
     """Run experts [start, start+C) on their rows of the expert-sorted assignments.
 
     in_amax (evaluation hook, [C] each): fake-quantize each row's gate/up resp. down input with
     its expert's input amax.
-    Returns (y_sorted [T*k, H] with zeros outside the chunk's rows, down_input_amax f32 [C]).
+    Returns (y_sorted [T*k, H] with zeros outside the chunk's rows, down_input_amax f32 [C]), and
+    with collect_hessian the block second-moment sums of the down inputs f32 [C, I/16, 16, 16].
     """
     x_sorted, expert_sorted, group_sizes = dispatch.x_sorted, dispatch.expert_sorted, dispatch.group_sizes
     dtype = x_sorted.dtype
@@ -151,13 +153,14 @@ def experts_chunk(dispatch: Dispatch, start, weights: ExpertWeights, in_amax: Ex
     row_amax = jnp.max(jnp.abs(h), axis=-1).astype(jnp.float32)
     down_amax = jax.ops.segment_max(row_amax, local, num_segments=c, indices_are_sorted=True)
     down_amax = jnp.where(chunk_sizes > 0, down_amax, 0.0).astype(jnp.float32)
+    down_hessian = expert_block_second_moment_sum(h, local, c) if collect_hessian else None
     if in_amax is not None:
         h = input_fake_quant_rows(h, in_amax.down[row_expert])
     y = jax.lax.ragged_dot(h, dn_w, sizes, preferred_element_type=jnp.float32).astype(dtype)
-    return y, down_amax
+    return (y, down_amax) if down_hessian is None else (y, down_amax, down_hessian)
 
 
-experts_chunk_jit = jax.jit(experts_chunk, static_argnames=("act_name",))
+experts_chunk_jit = jax.jit(experts_chunk, static_argnames=("act_name", "collect_hessian"))
 
 
 def auto_chunk(weights: ExpertWeights) -> int:
@@ -168,19 +171,24 @@ def auto_chunk(weights: ExpertWeights) -> int:
 
 
 def run_experts(dispatch: Dispatch, weights: ExpertWeights, in_amax: ExpertInputAmax | None, *,
-                act_name: str, chunk_size: int | None = None):
+                act_name: str, chunk_size: int | None = None, collect_hessian: bool = False):
     """Every routed expert on its rows, `chunk_size` experts stacked at a time (default:
-    auto_chunk) -> (y_sorted [T*k, H], down_input_amax f32 [E])."""
+    auto_chunk) -> (y_sorted [T*k, H], down_input_amax f32 [E]), and with collect_hessian the
+    down inputs' block second-moment sums f32 [E, I/16, 16, 16] third."""
     num_experts = len(weights.gate)
     chunk = chunk_size or auto_chunk(weights)
     y_sorted = None
-    down_amax = []
+    down_amax, down_hessian = [], []
     for start in range(0, num_experts, chunk):
         stop = min(start + chunk, num_experts)
         hook = None if in_amax is None else in_amax.chunk(start, stop)
-        y, d = experts_chunk_jit(dispatch, jnp.int32(start), weights.chunk(start, stop), hook, act_name=act_name)
+        y, d, *h = experts_chunk_jit(dispatch, jnp.int32(start), weights.chunk(start, stop), hook, act_name=act_name,
+                                     collect_hessian=collect_hessian)
         y_sorted = y if y_sorted is None else y_sorted + y
         down_amax.append(d)
+        down_hessian += h
+    if collect_hessian:
+        return y_sorted, jnp.concatenate(down_amax), jnp.concatenate(down_hessian)
     return y_sorted, jnp.concatenate(down_amax)
 
 

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from nvfp4_jax import numerics
 from nvfp4_jax.errors import NVFP4Error
 
+from .hessian import block_second_moment_sum
+
 Params = Mapping[str, jax.Array]
 
 
@@ -90,13 +92,18 @@ class LayerParams:
     layer's calibration statistics). `input_amax` (local module name -> f32[], evaluation only)
     makes `linear` NVFP4 fake-quantize that module's input first, as a serving engine quantizes
     it: tensor scale from the amax, dynamic per-block scales. The recorded amax is always that of
-    the unquantized input.
+    the unquantized input. `collect_hessian` (local-hessian weight scales) also records in
+    `hessian` the block second-moment sum of every linear's input (before its own fake quant; K a
+    multiple of 16) and in `rows` its number of input rows.
     """
 
-    def __init__(self, params: Params, input_amax: Params | None = None):
+    def __init__(self, params: Params, input_amax: Params | None = None, collect_hessian: bool = False):
         self.params = params
         self.input_amax = input_amax or {}
         self.observed: dict[str, jax.Array] = {}
+        self.collect_hessian = collect_hessian
+        self.hessian: dict[str, jax.Array] = {}
+        self.rows: dict[str, jax.Array] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.params
@@ -121,6 +128,9 @@ class LayerParams:
     def linear(self, module: str, x: jax.Array) -> jax.Array:
         """Apply the Linear `module` (local name without ".weight") and record its input amax."""
         self.observed[module] = amax(x)
+        if self.collect_hessian and x.shape[-1] % 16 == 0:
+            self.hessian[module] = block_second_moment_sum(x)
+            self.rows[module] = jnp.int32(x.size // x.shape[-1])
         in_amax = self.input_amax.get(module)
         if in_amax is not None:
             x = numerics.fake_quant(x, in_amax)

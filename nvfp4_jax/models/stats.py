@@ -23,6 +23,10 @@ class RoutedExpertStats:
     down_input_amax: jax.Array  # f32 [E]
     tokens_per_expert: jax.Array  # int [E]
     topk_ids: Optional[jax.Array] = None  # int32 [T, k] the routing, ascending per token (not merged)
+    # local-hessian only (collect_hessian): block second-moment sums of each expert's inputs,
+    # f32 [E, K/16, 16, 16] (models.hessian), tokens_per_expert counting their rows; not merged here
+    gate_up_hessian: Optional[jax.Array] = None
+    down_hessian: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -32,6 +36,10 @@ class LayerStats:
 
     input_amax: Mapping[str, jax.Array]  # module -> f32[]
     experts: Optional[RoutedExpertStats] = None
+    # local-hessian only (collect_hessian): module -> f32 [K/16, 16, 16] block second-moment sum of
+    # the linear's input, and module -> int32 [] its number of rows; not merged by merge_layer_stats
+    hessian: Optional[Mapping[str, jax.Array]] = None
+    hessian_rows: Optional[Mapping[str, jax.Array]] = None
 
 
 def merge_layer_stats(stats: Sequence[LayerStats]) -> LayerStats:
