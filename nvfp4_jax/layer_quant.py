@@ -138,6 +138,11 @@ def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[s
     if bad:
         raise LayerQuantError(f"cannot quantize {bad[0]}.weight: it holds NaN or Inf values"
                               + (f" ({len(bad) - 1} more weight(s) of this layer too)" if len(bad) > 1 else ""))
+    for m in order:
+        try:
+            numerics.check_amax_range(shared[pos[m]], f"{m}.weight")
+        except ValueError as e:
+            raise LayerQuantError(str(e)) from None
     zero = sorted(m for m in order if shared[pos[m]] == 0.0)
 
     results, errors = [], []

@@ -406,6 +406,23 @@ def _check_input(w, amax) -> None:
             raise ValueError(
                 f"weight_amax {a} is smaller than the tensor's own max |w| {own} (shape {shape}); "
                 "a group amax must be the max over the group's members")
+    check_amax_range(own if amax is None else np.asarray(jnp.asarray(amax, _F32)), f"tensor of shape {shape}")
+
+
+#: the smallest non-zero amax whose tensor scale amax / 2688 is a normal float32. Below it the scale
+#: is subnormal, which XLA on CPU flushes to zero (and the block scales would become NaN), so such
+#: a tensor (all |w| < 3.2e-35: zeros in all but name) is refused instead of written wrong.
+MIN_NONZERO_AMAX = float(np.float32(np.finfo(np.float32).tiny) * np.float32(AMAX_DIVISOR))
+
+
+def check_amax_range(amax, what: str) -> None:
+    """Raise ValueError for an amax in (0, MIN_NONZERO_AMAX): not representable (see above)."""
+    a = np.asarray(amax, np.float64)
+    tiny = (a > 0) & (a < MIN_NONZERO_AMAX)
+    if np.any(tiny):
+        raise ValueError(f"{what}: amax {float(a[tiny].reshape(-1)[0]):.3e} is below {MIN_NONZERO_AMAX:.3e}, where "
+                         "the NVFP4 tensor scale (amax / 2688) is no longer a normal float32; such a tensor is "
+                         "zero in all but name: leave it unquantized or zero it")
 
 
 @jax.jit
