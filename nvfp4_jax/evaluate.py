@@ -241,7 +241,7 @@ _dequant_f32 = jax.jit(lambda t: numerics.dequantize(t, jnp.float32))  # one com
 
 
 def forward_both(src, ckpt, tokens, *, dtype=jnp.bfloat16, fake_quant_inputs: bool = True,
-                 with_source: bool = True, log=lambda m: None) -> dict:
+                 with_source: bool = True) -> dict:
     """Run source and NVFP4 model on ``tokens`` [B, S].
 
     Returns {"logits_src", "logits_q" (float32 numpy [B, S, V]), "modules" {module: {"rel_error",
@@ -269,7 +269,6 @@ def forward_both(src, ckpt, tokens, *, dtype=jnp.bfloat16, fake_quant_inputs: bo
         h_q = family.embed({n: q.get(n, dtype) for n in family.embed_param_names(q_names)}, tokens, dtype=dtype)
         modules, routing = {}, {}
         for layer in range(family.num_layers()):
-            t0 = time.perf_counter()
             ps = family.read_layer(reader, layer, dtype=dtype)
             pq, in_amax, deq = q.layer_params(family, layer, dtype, fake_quant_inputs)
             for mod, w32 in deq.items():
@@ -292,7 +291,6 @@ def forward_both(src, ckpt, tokens, *, dtype=jnp.bfloat16, fake_quant_inputs: bo
                 routing[layer] = {"same_topk_set": float(np.mean(np.all(a == b, axis=-1))),
                                   "expert_overlap": float(overlap)}
             del ps, pq, in_amax, deq
-            log(f"layer {layer}: {time.perf_counter() - t0:.2f}s")
         logits_s = None
         if with_source:
             logits_s = np.asarray(family.head(reader.get_many(family.head_param_names(src_names), dtype), h_s),
@@ -415,11 +413,11 @@ def plot(report: dict, kl: np.ndarray, path: Path) -> None:
 
 
 def evaluate(src, ckpt, *, num_samples: int = 8, seq_len: int = 64, text: Optional[str] = None,
-             dtype=jnp.bfloat16, log=lambda m: None) -> tuple[dict, np.ndarray]:
+             dtype=jnp.bfloat16) -> tuple[dict, np.ndarray]:
     """(report dict, per-token KL) without writing anything."""
     t0 = time.perf_counter()
     tokens = heldout_tokens(Path(src), text, num_samples, seq_len)
-    res = forward_both(src, ckpt, tokens, dtype=dtype, log=log)
+    res = forward_both(src, ckpt, tokens, dtype=dtype)
     summary, kl = metrics(res["logits_src"], res["logits_q"], tokens)
     report = {
         "source": str(src), "checkpoint": str(ckpt), "family": res["family"], "format": res["format"],
