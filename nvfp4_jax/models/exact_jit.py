@@ -5,8 +5,10 @@ it to bf16 ("excess precision", on by default on CPU and GPU): a residual add, a
 up-projection or a RoPE product then carries more precision than the same op in torch, which
 rounds after every op. Calibration amaxes must be those of the model as transformers runs it
 (ModelOpt calibrates the torch model), so the model's jitted functions compile with excess
-precision off. On the tiny DeepSeek-V3 golden this alone moved input_scale differences from up to
-6% to 0 (tests/test_golden_deepseek.py). float32 forwards are unaffected.
+precision off. On the tiny DeepSeek-V3 golden (tests/test_golden_deepseek.py), with MLA attention
+already rounded as torch does, this moved the largest input_scale difference to ModelOpt from 4.9%
+to 0 and the share of layer-output elements differing from transformers from 56% to 0. float32
+forwards are unaffected.
 """
 
 from __future__ import annotations
