@@ -13,11 +13,27 @@ forwards are unaffected.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 EXACT_ROUNDING = {"xla_allow_excess_precision": False}
 
 
 def exact_jit(fn, **jit_kwargs):
-    """jax.jit(fn, **jit_kwargs) compiled with EXACT_ROUNDING."""
-    return jax.jit(fn, compiler_options=EXACT_ROUNDING, **jit_kwargs)
+    """jax.jit(fn, **jit_kwargs) compiled with EXACT_ROUNDING when called at the top level.
+
+    JAX accepts compiler options only on a top-level jit, so a call traced inside another jit
+    (``nnx.jit(model)``, the sharded forward) runs the plain jit and gets the outer program's
+    options: the sharded forward's own exact_jit gives it EXACT_ROUNDING; a user's ``nnx.jit``
+    keeps XLA's default (excess precision allowed).
+    """
+    exact = jax.jit(fn, compiler_options=EXACT_ROUNDING, **jit_kwargs)
+    nested = jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
+        return (nested if traced else exact)(*args, **kwargs)
+
+    return call
