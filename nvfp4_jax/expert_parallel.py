@@ -164,6 +164,34 @@ def place_experts(family, layer: int, params: Mapping[str, jax.Array], mesh: Mes
     return tuple(stacks)
 
 
+def quantize_on_owner_devices(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[str]], mode: str = "max"):
+    """:func:`nvfp4_jax.layer_quant.quantize_layer` of ``weights`` with each weight quantized on
+    the device that holds it (routed experts where :func:`read_layer` put them), so no device
+    gathers another's experts; fused groups never span devices (their members are one expert's, or
+    the replicated part's). The same bytes and per-weight figures as one call; dicts in its order."""
+    from nvfp4_jax import layer_quant
+
+    by_device: dict = {}
+    for m, w in weights.items():
+        devices = w.devices() if isinstance(w, jax.Array) else {jax.devices()[0]}
+        by_device.setdefault(min(devices, key=lambda d: d.id), {})[m] = w
+    parts = []
+    for device, ws in sorted(by_device.items(), key=lambda kv: kv[0].id):
+        mine = [g for g in groups if any(m in ws for m in g)]
+        split = [g for g in mine if not all(m in ws for m in g if m in weights)]
+        if split:
+            raise ModelConfigError(f"fused group {list(split[0])} is spread over devices")
+        with jax.default_device(device):
+            parts.append(layer_quant.quantize_layer(ws, mine, mode=mode))
+    order = [m for b in layer_quant._chunks(weights, sorted(weights), layer_quant.EXPERT_CHUNK) for m in b]
+    merged = layer_quant.QuantizedLayer({}, sorted(m for q in parts for m in q.zero_weight_amax))
+    for m in order:
+        q = next(q for q in parts if m in q.tensors)
+        merged.tensors[m] = q.tensors[m]
+        merged.squared_error[m], merged.squared_norm[m] = q.squared_error[m], q.squared_norm[m]
+    return merged
+
+
 def _routed(dispatch: Dispatch, stacks, blocks: ExpertBlocks, act: str, replicated: bool):
     """Inside the shard_map: (y_sorted of this device's rows, down input amax f32 [E]) with each
     device computing its own experts (see the module docstring)."""

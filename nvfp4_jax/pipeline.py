@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import __version__, calib_data, fingerprint, guards, numerics, sharding, weight_scales
+from nvfp4_jax import __version__, calib_data, expert_parallel, fingerprint, guards, numerics, sharding, weight_scales
 from nvfp4_jax.finite import check_finite
 from nvfp4_jax.layer_quant import input_scales, quantize_layer
 from nvfp4_jax.progress import Progress
@@ -61,6 +61,8 @@ class ConvertOptions:
     progress: bool = True
     inputs: tuple = ()  # other files the run reads (the calibration file): OUT may not overlap them
     weight_scales: str = "max"  # block-scale rule: max | mse | four-over-six | local-hessian (SPEC section 10)
+    # auto: MoE layers' routed experts split over the devices for the calibration forward (same bytes)
+    expert_parallel: str = expert_parallel.DEFAULT_MODE
 
 
 def _peak_rss_mb() -> float:
@@ -123,6 +125,8 @@ class _Run:
     resumed_units: set = dataclasses.field(default_factory=set)  # finished by the interrupted run
     family: object = None  # the model family; None for a calibration-free run
     mesh: object = None  # all local devices: calibration samples and stacked experts split over them
+    expert_mesh: object = None  # --expert-parallel: MoE layers' routed experts split over these devices
+    expert_parallel_layers: list = dataclasses.field(default_factory=list)  # the layers that ran so
 
     @property
     def dtype(self):
@@ -160,6 +164,8 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
             log(f"--resume: no interrupted run in {Path(out).name}.partial to continue; starting a new conversion")
         run.owned = coordinator.owned(run.plan)
         run.mesh = sharding.device_mesh() if len(jax.local_devices()) > 1 else None
+        if run.mesh is not None and opt.expert_parallel == "auto":
+            run.expert_mesh = expert_parallel.expert_mesh(jax.local_devices())
         stats = _convert_units(run, _embed(run))
         return coordinator.finish(run.writer, lambda units, manifests: _write_outputs(run, stats, units, manifests))
 
@@ -172,6 +178,8 @@ def _check_options(opt: ConvertOptions) -> None:
     if opt.weight_scales == "local-hessian" and opt.input_scale_constant is not None:
         raise UsageError("--weight-scales local-hessian needs calibration data (the second moments of the "
                          "linears' inputs); it cannot run with --input-scale-constant")
+    if opt.expert_parallel not in expert_parallel.MODES:
+        raise UsageError(f"unknown --expert-parallel {opt.expert_parallel!r}; choose one of {expert_parallel.MODES}")
     if opt.moe_policy not in MOE_POLICIES:
         raise UsageError(f"unknown --moe-policy {opt.moe_policy!r}; choose one of {MOE_POLICIES}")
     if opt.input_scale_constant is None and not opt.calib_tokens:
@@ -262,8 +270,8 @@ def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) ->
     layer_input = list(hidden)  # local-hessian's second pass runs over the same input
     if calibrate:
         with run.timer("calibrate"):
-            hidden[:], layer_stats = calibrate_layer(run.family, unit.layer, params, hidden,
-                                                      dtype=run.dtype, mesh=run.mesh)
+            hidden[:], layer_stats = calibrate_layer(run.family, unit.layer, params, hidden, dtype=run.dtype,
+                                                      mesh=run.expert_mesh if _expert_parallel(run, unit) else run.mesh)
             layer_stats = run.coordinator.allreduce_stats(unit.name, layer_stats)
         stats = stats.merge(layer_stats)
     if not done:  # a resumed unit only advanced the calibration activations
@@ -285,12 +293,25 @@ def _check_same_source(run: _Run, unit: UnitPlan, done: bool) -> str:
     return crc
 
 
+def _expert_parallel(run: _Run, unit: UnitPlan) -> bool:
+    """Whether the unit's calibration forward runs expert parallel (--expert-parallel, a MoE layer,
+    several devices); local-hessian's second forward needs the whole layer on one device."""
+    return (run.expert_mesh is not None and run.family is not None and run.opt.weight_scales != "local-hessian"
+            and unit.layer is not None and unit.layer < run.plan.num_layers
+            and expert_parallel.enabled(run.opt.expert_parallel, run.family, unit.layer, run.expert_mesh.size))
+
+
 def _read_layer(run: _Run, unit: UnitPlan) -> dict:
     """The layer's tensors: all of them for the calibration forward (routers keep float32 where the
-    forward needs it), else only the weights this process quantizes."""
+    forward needs it; expert parallel: each routed expert decoded on the device that holds it), else
+    only the weights this process quantizes."""
     names = unit.source_names()
     with run.timer("read"):
-        if run.family is not None:
+        if _expert_parallel(run, unit):
+            run.expert_parallel_layers.append(unit.layer)
+            params = expert_parallel.read_layer(run.family, run.reader, unit.layer, names, run.expert_mesh,
+                                                run.dtype)
+        elif run.family is not None:
             params = run.family.read_layer(run.reader, unit.layer, dtype=run.dtype, names=names)
         else:
             params = run.reader.get_many([n for n in names if n in run.owned and _module(n) in run.plan.quantized],
@@ -338,8 +359,12 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
         groups = [g for g in groups if g[0] in mods]
         hess = _hessians(run, unit.layer, params, layer_input, in_amax)
         # weight amax: lazily from the weight (SPEC section 5), unified over fused groups, on device
-        quantized = quantize_layer({m: params[f"{m}.weight"] for m in mods}, groups, mesh=run.mesh,
-                                   mode=run.opt.weight_scales, hessians=None if hess is None else hess.hessian)
+        weights = {m: params[f"{m}.weight"] for m in mods}
+        if _expert_parallel(run, unit):  # each routed expert on the device that holds it
+            quantized = expert_parallel.quantize_on_owner_devices(weights, groups, run.opt.weight_scales)
+        else:
+            quantized = quantize_layer(weights, groups, mesh=run.mesh, mode=run.opt.weight_scales,
+                                       hessians=None if hess is None else hess.hessian)
         results, zero_amax = quantized.tensors, quantized.zero_weight_amax
         in_scale = input_scales({m: in_amax[m] for m in mods})
     with run.timer("write"):
@@ -462,6 +487,9 @@ def _report(run: _Run, stats: CalibStats, units: dict) -> dict:
         "time_s": run.timer.rounded(),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "resumed": bool(run.writer.resumed),
+        "expert_parallel": {"mode": opt.expert_parallel,
+                            "devices": run.expert_mesh.size if run.expert_mesh is not None else 1,
+                            "layers": sorted(set(run.expert_parallel_layers))},
         "source_tensors": len(run.reader.names()),
         "dropped_tensors": {},  # every source tensor is written, quantized or as it was
         **run.coordinator.report_fields(),
