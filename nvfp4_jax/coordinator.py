@@ -53,6 +53,10 @@ class Coordinator:
         """What the run report says about the processes."""
         return {}
 
+    def gather_json(self, tag: str, value) -> list:
+        """Every process's JSON-able ``value`` for ``tag``, in process order (every process calls it)."""
+        raise NotImplementedError
+
 
 class LocalCoordinator(Coordinator):
     """One process does everything."""
@@ -71,6 +75,9 @@ class LocalCoordinator(Coordinator):
 
     def finish(self, writer: PlannedWriter, write_outputs: WriteOutputs) -> Optional[dict]:
         return write_outputs(writer.unit_info(), None)
+
+    def gather_json(self, tag: str, value) -> list:
+        return [value]
 
 
 def process_writer(out, plan: ConversionPlan, options: WriterOptions, coordinator: Coordinator) -> PlannedWriter:

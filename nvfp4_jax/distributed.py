@@ -172,6 +172,9 @@ class ProcessGroup(Coordinator):
                        else self.wait(self._key(tag, p), f"{what} from process {p}"))
         return out
 
+    def gather_json(self, tag: str, value) -> list:
+        return [json.loads(v) for v in self.all_gather(f"json/{tag}", json.dumps(value), f"the {tag} figures")]
+
     # -- the steps of a conversion ----------------------------------------------------------------
 
     def batches(self, batches: Sequence) -> list:

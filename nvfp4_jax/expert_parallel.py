@@ -46,6 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nvfp4_jax import resources
 from nvfp4_jax.models.moe import PROJECTIONS, Dispatch, ExpertWeights, experts_chunk
 from nvfp4_jax.models.ops import ModelConfigError
 from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
@@ -284,6 +285,20 @@ def prepare(family, layer: int, params: Mapping[str, jax.Array], mesh: Mesh, dty
                         _forward_fn(family, canon, mesh, dtype, sig, True))
 
 
+_COMPILED: dict = {}
+
+
+def _call(fn, name: str, *args):
+    """``fn(*args)`` through its compiled program (compiled once per argument shapes and
+    shardings), whose memory analysis goes to the run's resource report."""
+    key = (fn, tuple((tuple(a.shape), a.dtype.name, a.sharding) for a in jax.tree.leaves(args)))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _COMPILED[key] = fn.lower(*args).compile()
+        resources.note_compiled(name, compiled)
+    return compiled(*args)
+
+
 def _global_rows(h, mesh: Mesh, spec) -> jax.Array:
     """A batch as one global array over ``mesh``: a process-local batch (multi-process: this
     process's rows) becomes its share of the global batch."""
@@ -309,13 +324,13 @@ def forward(family, layer: int, params: Mapping[str, jax.Array], hidden_batches:
         main = (b // n) * n
         pieces = []
         if main:
-            out, s = program.rows_fn(program.rest, program.stacks,
-                                     jax.device_put(h if main == b else h[:main], NamedSharding(mesh, P(AXIS))))
+            out, s = _call(program.rows_fn, "expert_parallel_moe_layer", program.rest, program.stacks,
+                           jax.device_put(h if main == b else h[:main], NamedSharding(mesh, P(AXIS))))
             stats.append(s)
             pieces.append(out)
         if main < b:
-            out, s = program.replicated_fn(program.rest, program.stacks,
-                                           jax.device_put(h[main:], NamedSharding(mesh, P())))
+            out, s = _call(program.replicated_fn, "expert_parallel_moe_layer_replicated_rows", program.rest,
+                           program.stacks, jax.device_put(h[main:], NamedSharding(mesh, P())))
             stats.append(s)
             pieces.append(out)
         outputs.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0))
@@ -345,15 +360,7 @@ def per_device_argument_bytes(family, layer: int, params: Mapping[str, jax.Array
     for a in jax.tree.leaves(args):
         shard_shape = a.sharding.shard_shape(a.shape)
         by_shards += int(np.prod(shard_shape)) * a.dtype.itemsize
-    compiled = program.rows_fn.lower(*args).compile()
-    analysis = None
-    try:
-        ma = compiled.memory_analysis()
-        analysis = None if ma is None else {k: int(getattr(ma, k)) for k in (
-            "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
-            if hasattr(ma, k)}
-    except Exception:  # noqa: BLE001 - not every backend has one
-        analysis = None
+    analysis = resources.memory_analysis(program.rows_fn.lower(*args).compile())
     experts = sum(int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize for s in program.stacks)
     rest = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in jax.tree.leaves(program.rest))
     return {"by_shard_shapes": by_shards, "experts_per_device": experts, "replicated": rest,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import __version__, calib_data, expert_parallel, fingerprint, guards, numerics, sharding, weight_scales
+from nvfp4_jax import __version__, calib_data, expert_parallel, fingerprint, guards, numerics, resources, sharding, weight_scales
 from nvfp4_jax.finite import check_finite
 from nvfp4_jax.layer_quant import input_scales, quantize_layer
 from nvfp4_jax.progress import Progress
@@ -127,6 +127,8 @@ class _Run:
     mesh: object = None  # all local devices: calibration samples and stacked experts split over them
     expert_mesh: object = None  # --expert-parallel: MoE layers' routed experts split over these devices
     expert_parallel_layers: list = dataclasses.field(default_factory=list)  # the layers that ran so
+    monitor: resources.ResourceMonitor = dataclasses.field(default_factory=resources.ResourceMonitor)
+    resources: list = dataclasses.field(default_factory=list)  # every process's ResourceMonitor.report()
 
     @property
     def dtype(self):
@@ -151,10 +153,11 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         raise UsageError("--weight-scales local-hessian runs in one process only (its input statistics are "
                          "not exchanged between processes)")
     with contextlib.ExitStack() as cleanup:
+        monitor = resources.ResourceMonitor()  # bytes read are counted from here
         reader = CheckpointReader(src)  # validates every file before anything is written
         cleanup.callback(reader.close)
         samples = _calibration_samples(opt, reader.config)
-        run = _Run(src, out, opt, reader, build_plan(reader, opt), coordinator, samples)
+        run = _Run(src, out, opt, reader, build_plan(reader, opt), coordinator, samples, monitor=monitor)
         run.family = _family(reader.config) if samples else None
         settings = fingerprint.run_fingerprint(reader, samples, run.plan.settings)
         run.writer = cleanup.enter_context(coordinator.open_writer(
@@ -167,6 +170,9 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         if run.mesh is not None and opt.expert_parallel == "auto":
             run.expert_mesh = expert_parallel.expert_mesh(jax.local_devices())
         stats = _convert_units(run, _embed(run))
+        run.monitor.sample()
+        # every process's figures, before the finalizing process writes the report
+        run.resources = coordinator.gather_json("resources", run.monitor.report())
         return coordinator.finish(run.writer, lambda units, manifests: _write_outputs(run, stats, units, manifests))
 
 
@@ -272,6 +278,7 @@ def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) ->
         with run.timer("calibrate"):
             hidden[:], layer_stats = calibrate_layer(run.family, unit.layer, params, hidden, dtype=run.dtype,
                                                       mesh=run.expert_mesh if _expert_parallel(run, unit) else run.mesh)
+            run.monitor.sample()  # the layer and its activations are live here
             layer_stats = run.coordinator.allreduce_stats(unit.name, layer_stats)
         stats = stats.merge(layer_stats)
     if not done:  # a resumed unit only advanced the calibration activations
@@ -365,6 +372,7 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
         else:
             quantized = quantize_layer(weights, groups, mesh=run.mesh, mode=run.opt.weight_scales,
                                        hessians=None if hess is None else hess.hessian)
+        run.monitor.sample()
         results, zero_amax = quantized.tensors, quantized.zero_weight_amax
         in_scale = input_scales({m: in_amax[m] for m in mods})
     with run.timer("write"):
@@ -492,6 +500,7 @@ def _report(run: _Run, stats: CalibStats, units: dict) -> dict:
                             "layers": sorted(set(run.expert_parallel_layers))},
         "source_tensors": len(run.reader.names()),
         "dropped_tensors": {},  # every source tensor is written, quantized or as it was
+        "resources": run.resources,  # per process: bytes read (OS counter), peak RSS, peak device memory
         **run.coordinator.report_fields(),
     }
 
