@@ -31,8 +31,9 @@ class Coordinator:
         one-process forward)."""
         raise NotImplementedError
 
-    def owned(self, plan: ConversionPlan) -> frozenset:
-        """The source tensors this process quantizes and writes."""
+    def owned(self, plan: ConversionPlan, pinned=None) -> frozenset:
+        """The source tensors this process quantizes and writes (``pinned``: see
+        ``ConversionPlan.owners``)."""
         raise NotImplementedError
 
     def allreduce_stats(self, unit: str, stats: CalibStats) -> CalibStats:
@@ -64,7 +65,7 @@ class LocalCoordinator(Coordinator):
     def batches(self, batches: Sequence) -> list:
         return list(batches)
 
-    def owned(self, plan: ConversionPlan) -> frozenset:
+    def owned(self, plan: ConversionPlan, pinned=None) -> frozenset:
         return frozenset(n for unit in plan.units for n in unit.source_names())
 
     def allreduce_stats(self, unit: str, stats: CalibStats) -> CalibStats:

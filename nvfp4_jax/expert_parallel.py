@@ -58,9 +58,28 @@ DEFAULT_MODE = "auto"
 
 def expert_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A 1-D mesh ``("experts",)`` over ``devices`` (default: every device of the run, all
-    processes; one process: its local devices)."""
-    devices = list(jax.devices() if devices is None else devices)
+    processes), ordered by process then id, so each process's devices (and so its rows of a batch
+    and its experts) are one contiguous block."""
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices, dtype=object), (AXIS,))
+
+
+def spans_processes(mesh: Optional[Mesh]) -> bool:
+    return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def expert_owners(family, layer: int, names: Sequence[str], mesh: Mesh) -> dict[str, int]:
+    """The process that holds each routed-expert tensor of ``layer`` (the owner of its device):
+    it quantizes and writes it (``ConversionPlan.owners(pinned=)``)."""
+    prefix = family.layer_prefix(layer)
+    blocks = ExpertBlocks(family.num_experts, mesh.size)
+    devices = list(mesh.devices.flat)
+    out = {}
+    for n in family.layer_param_names(layer, names):
+        e = expert_of(n, prefix)
+        if e is not None:
+            out[n] = devices[blocks.owner(e)].process_index
+    return out
 
 
 def enabled(mode: str, family, layer: int, num_devices: int) -> bool:
@@ -278,11 +297,46 @@ def prepare(family, layer: int, params: Mapping[str, jax.Array], mesh: Mesh, dty
             if k.startswith(prefix) and expert_of(k, prefix) is None}
     if not rest:
         raise ModelConfigError(f"no tensors named {prefix}* besides routed experts for layer {layer}")
-    rest = jax.device_put(rest, NamedSharding(mesh, P()))
+    rest = jax.tree.map(lambda v: _replicated(v, mesh), rest)
     sig = (tuple(sorted((k, tuple(v.shape), v.dtype.name) for k, v in rest.items())),
            tuple((tuple(s.shape), s.dtype.name) for s in stacks))
     return LayerProgram(rest, stacks, _forward_fn(family, canon, mesh, dtype, sig, False),
                         _forward_fn(family, canon, mesh, dtype, sig, True))
+
+
+def _replicated(v, mesh: Mesh) -> jax.Array:
+    """``v`` (the same on every process) on every device of ``mesh``, built from this process's
+    devices only (valid when the mesh spans processes)."""
+    sharding = NamedSharding(mesh, P())
+    if not spans_processes(mesh):
+        return jax.device_put(v, sharding)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return jax.make_array_from_single_device_arrays(tuple(v.shape), sharding, [jax.device_put(v, d) for d in local])
+
+
+def _rows_global(h, mesh: Mesh) -> jax.Array:
+    """This process's rows ``h`` as its block of a global batch split along ``experts`` (every
+    process gives the same number of rows)."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    n_proc = len({d.process_index for d in mesh.devices.flat})
+    global_shape = (h.shape[0] * n_proc, *h.shape[1:])
+    index = sharding.addressable_devices_indices_map(global_shape)
+    first = min(idx[0].start or 0 for idx in index.values())
+    arrays = [jax.device_put(h[(idx[0].start or 0) - first:(idx[0].stop or global_shape[0]) - first], d)
+              for d, idx in index.items()]
+    return jax.make_array_from_single_device_arrays(global_shape, sharding, arrays)
+
+
+def _local_rows(a: jax.Array) -> jax.Array:
+    """This process's rows of a global array split along axis 0 (on its first device)."""
+    shards = sorted(a.addressable_shards, key=lambda s: s.index[0].start or 0)
+    dev = jax.local_devices()[0]
+    parts = [jax.device_put(s.data, dev) for s in shards]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _local_replica(a: jax.Array) -> jax.Array:
+    return jax.device_put(a.addressable_shards[0].data, jax.local_devices()[0])
 
 
 _COMPILED: dict = {}
@@ -336,6 +390,36 @@ def forward(family, layer: int, params: Mapping[str, jax.Array], hidden_batches:
         outputs.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0))
     merged = merge_layer_stats(stats)
     return outputs, _renamed(family, layer, merged)
+
+
+def forward_across_processes(family, layer: int, params: Mapping[str, jax.Array], blocks: Sequence,
+                             dtype=jnp.bfloat16, mesh: Optional[Mesh] = None):
+    """The expert-parallel forward of MoE layer ``layer`` over a mesh that spans processes.
+
+    ``blocks``: ``(rows, replicated)`` pairs, the same count and shapes on every process: rows of a
+    global batch split over the processes (this process's block, ``replicated`` False; the global
+    batch is the processes' blocks in process order), or rows that every process holds in full
+    (``replicated`` True, counted once: by process 0). Every process must call this with the same
+    blocks' shapes, in the same order: each call runs the same collective programs on all.
+    Returns (this process's outputs, one per block; the LayerStats of this process's share).
+    """
+    mesh = mesh or expert_mesh()
+    program = prepare(family, layer, params, mesh, dtype)
+    outputs, stats = [], []
+    for h, replicated in blocks:
+        if replicated:
+            out, s = _call(program.replicated_fn, "expert_parallel_moe_layer_replicated_rows", program.rest,
+                           program.stacks, _replicated(h, mesh))
+            outputs.append(_local_replica(out))
+            if jax.process_index() == 0:
+                stats.append(jax.tree.map(_local_replica, s))
+        else:
+            out, s = _call(program.rows_fn, "expert_parallel_moe_layer", program.rest, program.stacks,
+                           _rows_global(h, mesh))
+            outputs.append(_local_rows(out))
+            stats.append(jax.tree.map(_local_rows, s))
+    merged = merge_layer_stats(stats) if stats else None
+    return outputs, (None if merged is None else _renamed(family, layer, merged))
 
 
 def _renamed(family, layer: int, merged: LayerStats) -> LayerStats:

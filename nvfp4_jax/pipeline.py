@@ -33,6 +33,7 @@ from nvfp4_jax.calibration import (
 )
 from nvfp4_jax.checkpoint.formats import output_config
 from nvfp4_jax.checkpoint.reader import CheckpointReader
+from nvfp4_jax.checkpoint.safetensors_io import DTYPES
 from nvfp4_jax.checkpoint.writer import PlannedWriter, WriterOptions
 from nvfp4_jax.coordinator import Coordinator, LocalCoordinator
 from nvfp4_jax.errors import NVFP4Error, UsageError
@@ -129,6 +130,8 @@ class _Run:
     expert_parallel_layers: list = dataclasses.field(default_factory=list)  # the layers that ran so
     monitor: resources.ResourceMonitor = dataclasses.field(default_factory=resources.ResourceMonitor)
     resources: list = dataclasses.field(default_factory=list)  # every process's ResourceMonitor.report()
+    replicated_blocks: list = dataclasses.field(default_factory=list)  # across processes: per hidden entry
+    foreign: frozenset = frozenset()  # across processes: routed experts held (and read) by other processes
 
     @property
     def dtype(self):
@@ -165,15 +168,44 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         log(_start_line(run))
         if opt.resume and not run.writer.resumed:
             log(f"--resume: no interrupted run in {Path(out).name}.partial to continue; starting a new conversion")
-        run.owned = coordinator.owned(run.plan)
         run.mesh = sharding.device_mesh() if len(jax.local_devices()) > 1 else None
-        if run.mesh is not None and opt.expert_parallel == "auto":
-            run.expert_mesh = expert_parallel.expert_mesh(jax.local_devices())
+        _set_expert_mesh(run)
+        run.owned = coordinator.owned(run.plan, _pinned_owners(run))
         stats = _convert_units(run, _embed(run))
         run.monitor.sample()
         # every process's figures, before the finalizing process writes the report
         run.resources = coordinator.gather_json("resources", run.monitor.report())
         return coordinator.finish(run.writer, lambda units, manifests: _write_outputs(run, stats, units, manifests))
+
+
+def _set_expert_mesh(run: _Run) -> None:
+    """--expert-parallel auto with several devices (of this process, or of all processes of a
+    calibrated multi-process run): the mesh MoE layers' routed experts are split over."""
+    if run.opt.expert_parallel != "auto" or run.family is None or run.opt.weight_scales == "local-hessian":
+        return
+    if run.coordinator.num_processes > 1:
+        if any(run.family.is_moe_layer(layer) for layer in range(run.family.num_layers())):
+            run.expert_mesh = expert_parallel.expert_mesh(jax.devices())
+    elif run.mesh is not None:
+        run.expert_mesh = expert_parallel.expert_mesh(jax.local_devices())
+
+
+def _across_processes(run: _Run) -> bool:
+    """The expert mesh spans processes: every process runs every batch's collective programs."""
+    return expert_parallel.spans_processes(run.expert_mesh)
+
+
+def _pinned_owners(run: _Run) -> Optional[dict]:
+    """Across processes, each routed expert tensor is quantized and written by the process whose
+    device holds it (it is the only process that reads it)."""
+    if not _across_processes(run):
+        return None
+    pinned = {}
+    for unit in run.plan.units:
+        if _expert_parallel(run, unit):
+            pinned.update(expert_parallel.expert_owners(run.family, unit.layer, unit.source_names(), run.expert_mesh))
+    run.foreign = frozenset(n for n, p in pinned.items() if p != run.coordinator.process_id)
+    return pinned
 
 
 def _check_options(opt: ConvertOptions) -> None:
@@ -238,12 +270,62 @@ def _embed(run: _Run) -> list:
     with run.timer("read"):
         embed_params = run.reader.get_many(run.family.embed_param_names(run.reader.names()), run.dtype)
         check_finite(embed_params)
+    if _across_processes(run):
+        return _embed_across_processes(run, embed_params)
     with run.timer("calibrate"):
         batches = run.coordinator.batches(_batches(run.samples, run.opt.batch_size))
         hidden = [run.family.embed(embed_params, jnp.asarray(b)) for b in batches]
         if run.mesh is not None:  # every local device gets a one-device batch worth of rows
             hidden = sharding.regroup_batches(hidden, run.opt.batch_size * run.mesh.size)
     return hidden
+
+
+def _embed_across_processes(run: _Run, embed_params) -> list:
+    """The calibration rows of this process when the expert mesh spans processes: every batch is
+    regrouped into global batches of batch_size rows per device of the run; this process keeps its
+    block of each (the rows of its devices) and, in full, rows past the last multiple of the device
+    count (replicated on every process, counted once; ``run.replicated_blocks``)."""
+    d, n, p = run.expert_mesh.size, run.coordinator.num_processes, run.coordinator.process_id
+    with run.timer("calibrate"):
+        tokens = [jnp.asarray(b) for b in _batches(run.samples, run.opt.batch_size)]
+        hidden, run.replicated_blocks = [], []
+        for g in sharding.regroup_batches(tokens, run.opt.batch_size * d):
+            main = g.shape[0] // d * d
+            if main:
+                share = main // n
+                hidden.append(run.family.embed(embed_params, g[p * share:(p + 1) * share]))
+                run.replicated_blocks.append(False)
+            if main < g.shape[0]:
+                hidden.append(run.family.embed(embed_params, g[main:]))
+                run.replicated_blocks.append(True)
+    return hidden
+
+
+def _calibrate_across_processes(run: _Run, layer: int, params: dict, hidden: list) -> tuple[list, CalibStats]:
+    """One layer over this process's calibration rows when the expert mesh spans processes: MoE
+    layers through the collective expert-parallel programs, dense layers locally; this process's
+    share of the statistics (replicated rows counted by process 0 only)."""
+    blocks = list(zip(hidden, run.replicated_blocks))
+    stats = CalibStats()
+    if run.family.is_moe_layer(layer):
+        outs, merged = expert_parallel.forward_across_processes(run.family, layer, params, blocks, run.dtype,
+                                                                run.expert_mesh)
+        if merged is not None:
+            stats.observe(merged)
+        jax.block_until_ready(outs)
+        return outs, stats
+    outs = []
+    for h, replicated in blocks:
+        if run.mesh is not None and not replicated:
+            (out,), s = sharding.forward_sharded(run.family, layer, params, [h], run.dtype, run.mesh)
+        else:
+            out, s = run.family.layer_forward(layer, params, h, dtype=run.dtype)
+            s = jax.device_get(s)
+        if not replicated or run.coordinator.process_id == 0:
+            stats.observe(s)
+        outs.append(out)
+    jax.block_until_ready(outs)
+    return outs, stats
 
 
 def _convert_units(run: _Run, hidden: list) -> CalibStats:
@@ -276,8 +358,12 @@ def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) ->
     layer_input = list(hidden)  # local-hessian's second pass runs over the same input
     if calibrate:
         with run.timer("calibrate"):
-            hidden[:], layer_stats = calibrate_layer(run.family, unit.layer, params, hidden, dtype=run.dtype,
-                                                      mesh=run.expert_mesh if _expert_parallel(run, unit) else run.mesh)
+            if _across_processes(run):
+                hidden[:], layer_stats = _calibrate_across_processes(run, unit.layer, params, hidden)
+            else:
+                hidden[:], layer_stats = calibrate_layer(
+                    run.family, unit.layer, params, hidden, dtype=run.dtype,
+                    mesh=run.expert_mesh if _expert_parallel(run, unit) else run.mesh)
             run.monitor.sample()  # the layer and its activations are live here
             layer_stats = run.coordinator.allreduce_stats(unit.name, layer_stats)
         stats = stats.merge(layer_stats)
@@ -290,7 +376,8 @@ def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) ->
 def _check_same_source(run: _Run, unit: UnitPlan, done: bool) -> str:
     """The sampled CRC of the unit's source tensors; for a unit finished by the interrupted run, it
     must be the value that run recorded (the source may not change under a resume)."""
-    crc = fingerprint.source_sample_crc(run.reader, unit.source_names())
+    # across processes: only the tensors this process reads (a resume compares with its own manifest)
+    crc = fingerprint.source_sample_crc(run.reader, [n for n in unit.source_names() if n not in run.foreign])
     if done:
         recorded = run.writer.unit_info().get(unit.name, {}).get("source_sample_crc32")
         if recorded != crc:
@@ -331,13 +418,22 @@ def _module(name: str) -> Optional[str]:
     return name[: -len(".weight")] if name.endswith(".weight") else None
 
 
-def _unquantized(reader: CheckpointReader, name: str):
+def _unquantized(reader: CheckpointReader, name: str, decoded=None):
     """A tensor that stays unquantized: plain tensors keep their source bytes and dtype; FP8/INT4
     sources are written back as bf16 (SPEC section 6). Never NaN or Inf (checked here: nothing
-    downstream would notice in a tensor that is not quantized)."""
+    downstream would notice in a tensor that is not quantized). ``decoded``: the copy read for the
+    calibration forward, used instead of a second read when it holds the source bytes (a plain
+    tensor decoded to its own dtype, or a decoded one in bfloat16)."""
     info = reader.info(name)
     if info.encoding == "plain":
-        a = np.asarray(reader.read_raw(info.parts["weight"]))
+        e = reader.entry(info.parts["weight"])
+        if (decoded is not None and np.dtype(decoded.dtype) == np.dtype(DTYPES[e.dtype])
+                and tuple(decoded.shape) == tuple(e.shape)):
+            a = np.asarray(decoded)
+        else:
+            a = np.asarray(reader.read_raw(info.parts["weight"]))
+    elif decoded is not None and decoded.dtype == jnp.bfloat16:  # reader.get(name, bfloat16) already
+        a = np.asarray(decoded)
     else:
         a = np.asarray(reader.get(name, jnp.bfloat16))
     check_finite({name: a})
@@ -381,7 +477,7 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
             if _module(n) in results:
                 _add_quantized(run.writer, _module(n), results[_module(n)], in_scale[_module(n)])
             else:
-                run.writer.add(n, _unquantized(run.reader, n))
+                run.writer.add(n, _unquantized(run.reader, n, params.get(n)))
     info = {"quantized": len(mods), "tensors": len(mine), "zero_weight_amax": zero_amax,
             "weight_squared_error": sum(quantized.squared_error.values()),
             "weight_squared_norm": sum(quantized.squared_norm.values())}
