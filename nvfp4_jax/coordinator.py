@@ -58,6 +58,10 @@ class Coordinator:
         """Every process's JSON-able ``value`` for ``tag``, in process order (every process calls it)."""
         raise NotImplementedError
 
+    def barrier(self, tag: str) -> None:
+        """Return once every process has called ``barrier(tag)`` (bounded waits)."""
+        raise NotImplementedError
+
 
 class LocalCoordinator(Coordinator):
     """One process does everything."""
@@ -79,6 +83,9 @@ class LocalCoordinator(Coordinator):
 
     def gather_json(self, tag: str, value) -> list:
         return [value]
+
+    def barrier(self, tag: str) -> None:
+        return None
 
 
 def process_writer(out, plan: ConversionPlan, options: WriterOptions, coordinator: Coordinator) -> PlannedWriter:

@@ -172,6 +172,10 @@ class ProcessGroup(Coordinator):
                        else self.wait(self._key(tag, p), f"{what} from process {p}"))
         return out
 
+    def barrier(self, tag: str) -> None:
+        self.fault(f"barrier:{tag}")
+        self.all_gather(f"barrier/{tag}", "1", f"every process to reach {tag}")
+
     def gather_json(self, tag: str, value) -> list:
         return [json.loads(v) for v in self.all_gather(f"json/{tag}", json.dumps(value), f"the {tag} figures")]
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -342,15 +342,19 @@ def _local_replica(a: jax.Array) -> jax.Array:
 _COMPILED: dict = {}
 
 
-def _call(fn, name: str, *args):
-    """``fn(*args)`` through its compiled program (compiled once per argument shapes and
-    shardings), whose memory analysis goes to the run's resource report."""
+def _compiled(fn, name: str, *args):
+    """``fn``'s compiled program for ``args`` (once per argument shapes and shardings); its memory
+    analysis goes to the run's resource report."""
     key = (fn, tuple((tuple(a.shape), a.dtype.name, a.sharding) for a in jax.tree.leaves(args)))
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = _COMPILED[key] = fn.lower(*args).compile()
         resources.note_compiled(name, compiled)
-    return compiled(*args)
+    return compiled
+
+
+def _call(fn, name: str, *args):
+    return _compiled(fn, name, *args)(*args)
 
 
 def _global_rows(h, mesh: Mesh, spec) -> jax.Array:
@@ -392,8 +396,19 @@ def forward(family, layer: int, params: Mapping[str, jax.Array], hidden_batches:
     return outputs, _renamed(family, layer, merged)
 
 
+class Across(NamedTuple):
+    """How the processes of a run meet: the expert mesh over all their devices, and ``sync()``, a
+    barrier of all processes with bounded waits (``Coordinator.barrier``). XLA CPU's gloo
+    collectives set up their connections on the first collective of a device set and give up
+    after 30 s, so every process must reach each collective program within that: they compile
+    first (compile times differ), then meet at the barrier, then run."""
+
+    mesh: Mesh
+    sync: Callable[[], None]
+
+
 def forward_across_processes(family, layer: int, params: Mapping[str, jax.Array], blocks: Sequence,
-                             dtype=jnp.bfloat16, mesh: Optional[Mesh] = None):
+                             dtype, across: Across):
     """The expert-parallel forward of MoE layer ``layer`` over a mesh that spans processes.
 
     ``blocks``: ``(rows, replicated)`` pairs, the same count and shapes on every process: rows of a
@@ -403,19 +418,24 @@ def forward_across_processes(family, layer: int, params: Mapping[str, jax.Array]
     blocks' shapes, in the same order: each call runs the same collective programs on all.
     Returns (this process's outputs, one per block; the LayerStats of this process's share).
     """
-    mesh = mesh or expert_mesh()
+    mesh = across.mesh
     program = prepare(family, layer, params, mesh, dtype)
+    inputs = [_replicated(h, mesh) if replicated else _rows_global(h, mesh) for h, replicated in blocks]
+    for (_, replicated), x in zip(blocks, inputs):  # compile everything before meeting
+        _compiled(program.replicated_fn if replicated else program.rows_fn,
+                  "expert_parallel_moe_layer_replicated_rows" if replicated else "expert_parallel_moe_layer",
+                  program.rest, program.stacks, x)
+    across.sync()
     outputs, stats = [], []
-    for h, replicated in blocks:
+    for (h, replicated), x in zip(blocks, inputs):
         if replicated:
             out, s = _call(program.replicated_fn, "expert_parallel_moe_layer_replicated_rows", program.rest,
-                           program.stacks, _replicated(h, mesh))
+                           program.stacks, x)
             outputs.append(_local_replica(out))
             if jax.process_index() == 0:
                 stats.append(jax.tree.map(_local_replica, s))
         else:
-            out, s = _call(program.rows_fn, "expert_parallel_moe_layer", program.rest, program.stacks,
-                           _rows_global(h, mesh))
+            out, s = _call(program.rows_fn, "expert_parallel_moe_layer", program.rest, program.stacks, x)
             outputs.append(_local_rows(out))
             stats.append(jax.tree.map(_local_rows, s))
     merged = merge_layer_stats(stats) if stats else None
@@ -452,5 +472,6 @@ def per_device_argument_bytes(family, layer: int, params: Mapping[str, jax.Array
             "memory_analysis": analysis}
 
 
-__all__ = ["AXIS", "MODES", "DEFAULT_MODE", "ExpertBlocks", "LayerProgram", "enabled", "expert_mesh", "expert_of",
+__all__ = ["AXIS", "Across", "forward_across_processes", "spans_processes", "expert_owners",
+           "quantize_on_owner_devices", "MODES", "DEFAULT_MODE", "ExpertBlocks", "LayerProgram", "enabled", "expert_mesh", "expert_of",
            "forward", "per_device_argument_bytes", "place_experts", "prepare", "read_layer"]

@@ -174,7 +174,10 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         stats = _convert_units(run, _embed(run))
         run.monitor.sample()
         # every process's figures, before the finalizing process writes the report
-        run.resources = coordinator.gather_json("resources", run.monitor.report())
+        figures = run.monitor.report()
+        if figures["bytes_read"] is not None:  # beside the OS's count, the reader's own
+            figures["bytes_read"]["reader"] = reader.bytes_read
+        run.resources = coordinator.gather_json("resources", figures)
         return coordinator.finish(run.writer, lambda units, manifests: _write_outputs(run, stats, units, manifests))
 
 
@@ -308,8 +311,8 @@ def _calibrate_across_processes(run: _Run, layer: int, params: dict, hidden: lis
     blocks = list(zip(hidden, run.replicated_blocks))
     stats = CalibStats()
     if run.family.is_moe_layer(layer):
-        outs, merged = expert_parallel.forward_across_processes(run.family, layer, params, blocks, run.dtype,
-                                                                run.expert_mesh)
+        across = expert_parallel.Across(run.expert_mesh, lambda: run.coordinator.barrier(f"experts/layer.{layer}"))
+        outs, merged = expert_parallel.forward_across_processes(run.family, layer, params, blocks, run.dtype, across)
         if merged is not None:
             stats.observe(merged)
         jax.block_until_ready(outs)
