@@ -53,7 +53,10 @@ from nvfp4_jax.models.ops import ModelConfigError
 from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
 
 AXIS = "experts"
-MODES = ("auto", "off")  # --expert-parallel; auto: on for MoE layers when the run has >1 device
+# --expert-parallel. on: MoE layers whenever the run has >1 device. auto: the same, except across
+# processes on the CPU backend: there the collectives go through gloo, whose connection setup has a
+# fixed 30 s deadline that a loaded host misses, and multi-process CPU runs are for testing anyway.
+MODES = ("auto", "on", "off")
 DEFAULT_MODE = "auto"
 
 
@@ -87,7 +90,7 @@ def enabled(mode: str, family, layer: int, num_devices: int) -> bool:
     """Whether ``layer`` runs expert parallel under ``--expert-parallel mode``."""
     if mode not in MODES:
         raise ValueError(f"unknown expert-parallel mode {mode!r}; choose one of {MODES}")
-    return mode == "auto" and num_devices > 1 and family is not None and family.is_moe_layer(layer)
+    return mode != "off" and num_devices > 1 and family is not None and family.is_moe_layer(layer)
 
 
 class ExpertBlocks(NamedTuple):

@@ -95,7 +95,8 @@ def test_two_processes_read_their_experts_only_and_write_one_process_bytes(model
     n = 2
     port = _free_port()
     _run([_convert_args(root, src, out) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
-                                           "--process-id", str(i), "--timeout", "300"] for i in range(n)])
+                                           "--process-id", str(i), "--timeout", "300", "--expert-parallel", "on"]
+          for i in range(n)])
     files = sorted(f.name for f in ref.iterdir() if f.name != "nvfp4_report.json")
     assert files == sorted(f.name for f in out.iterdir() if f.name != "nvfp4_report.json")
     for f in files:
