@@ -36,4 +36,5 @@ def exact_jit(fn, **jit_kwargs):
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
         return (nested if traced else exact)(*args, **kwargs)
 
+    call.lower = exact.lower  # ahead-of-time compilation and memory analysis see the top-level program
     return call
