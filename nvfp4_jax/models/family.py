@@ -238,7 +238,7 @@ class Family:
             return run_experts(dispatch, weights, in_amax, act_name=self.spec.act, chunk_size=self.expert_chunk_size,
                                collect_hessian=collect_hessian)
 
-        return self._moe_forward(layer, local, local_amax, hidden, routed_experts, _Static(window, collect_hessian))
+        return self._moe_forward(prefix, local, local_amax, hidden, routed_experts, _Static(window, collect_hessian))
 
     def moe_forward(self, layer: int, params: Params, hidden: jax.Array, routed_experts: Callable, *,
                     dtype=jnp.bfloat16) -> tuple[jax.Array, LayerStats]:
@@ -248,15 +248,15 @@ class Family:
         hold them). `params` needs only the layer's other tensors; no evaluation hook, no hessians."""
         if not self.is_moe_layer(layer):
             raise ModelConfigError(f"layer {layer} is not a MoE layer")
-        prefix = self.layer_prefix(layer)
+        prefix = self.layer_prefix(layer, params)
         local = {n: v for n, v in _local(params, prefix).items() if not n.startswith(_EXPERTS)}
         if not local:
             raise ModelConfigError(f"no tensors named {prefix}* in the parameters passed for layer {layer}")
         hidden = jnp.asarray(hidden).astype(jnp.dtype(dtype))
-        return self._moe_forward(layer, local, {}, hidden, routed_experts, _Static(self.sliding_window(layer), False))
+        return self._moe_forward(prefix, local, {}, hidden, routed_experts, _Static(self.sliding_window(layer), False))
 
-    def _moe_forward(self, layer: int, local: Params, local_amax: Params, hidden, routed_experts, static: _Static):
-        prefix = self.layer_prefix(layer)
+    def _moe_forward(self, prefix: str, local: Params, local_amax: Params, hidden, routed_experts, static: _Static):
+        # prefix: the layer's names in the spelling its tensors use (layer_prefix(layer, params))
         rest = {n: v for n, v in local.items() if not n.startswith(_EXPERTS)}
         rest_amax = {n: v for n, v in local_amax.items() if not n.startswith(_EXPERTS)}
         (h_resid, topk_ids, topk_w, shared_out), observed, dispatch, (hess, rows, gate_up_hess) = _moe_pre_jit(
