@@ -75,7 +75,7 @@ def spans_processes(mesh: Optional[Mesh]) -> bool:
 def expert_owners(family, layer: int, names: Sequence[str], mesh: Mesh) -> dict[str, int]:
     """The process that holds each routed-expert tensor of ``layer`` (the owner of its device):
     it quantizes and writes it (``ConversionPlan.owners(pinned=)``)."""
-    prefix = family.layer_prefix(layer)
+    prefix = family.layer_prefix(layer, names)
     blocks = ExpertBlocks(family.num_experts, mesh.size)
     devices = list(mesh.devices.flat)
     out = {}
@@ -131,7 +131,7 @@ def read_layer(family, reader, layer: int, names: Sequence[str], mesh: Mesh, dty
     """Layer ``layer``'s tensors from ``reader``: each routed expert decoded on the device of
     ``mesh`` that owns it, the rest on the default device. With ``only_local`` (multi-process),
     experts owned by another process's devices are not read at all."""
-    prefix = family.layer_prefix(layer)
+    prefix = family.layer_prefix(layer, names)
     blocks = ExpertBlocks(family.num_experts, mesh.size)
     devices = list(mesh.devices.flat)
     out = {}
@@ -154,7 +154,7 @@ def place_experts(family, layer: int, params: Mapping[str, jax.Array], mesh: Mes
     """(gate, up, down) stacks ``[E_pad, ...]`` sharded along ``experts`` over ``mesh``: each
     device stacks only its own experts (read from ``params`` by checkpoint name, zeros past E);
     only this process's devices' experts need be in ``params``."""
-    prefix = family.layer_prefix(layer) + "mlp.experts"
+    prefix = family.layer_prefix(layer, params) + "mlp.experts"
     blocks = ExpertBlocks(family.num_experts, mesh.size)
     sharding = NamedSharding(mesh, P(AXIS))
     devices = list(mesh.devices.flat)
@@ -293,9 +293,9 @@ class LayerProgram(NamedTuple):
 
 def prepare(family, layer: int, params: Mapping[str, jax.Array], mesh: Mesh, dtype=jnp.bfloat16) -> LayerProgram:
     """Place layer ``layer``'s tensors on ``mesh`` and get its programs (compiled once per kind)."""
-    prefix = family.layer_prefix(layer)
+    prefix = family.layer_prefix(layer, params)
     canon = _canonical_layer(family, layer)
-    canon_prefix = family.layer_prefix(canon)
+    canon_prefix = prefix[:-len(f"{layer}.")] + f"{canon}."  # the same spelling, canonical index
     stacks = place_experts(family, layer, params, mesh, dtype)
     rest = {canon_prefix + k[len(prefix):]: v for k, v in params.items()
             if k.startswith(prefix) and expert_of(k, prefix) is None}
@@ -447,7 +447,9 @@ def forward_across_processes(family, layer: int, params: Mapping[str, jax.Array]
 
 
 def _renamed(family, layer: int, merged: LayerStats) -> LayerStats:
-    prefix, canon_prefix = family.layer_prefix(layer), family.layer_prefix(_canonical_layer(family, layer))
+    canon = _canonical_layer(family, layer)
+    canon_prefix = family.layer_prefix(canon, merged.input_amax)  # the spelling the statistics use
+    prefix = canon_prefix[:-len(f"{canon}.")] + f"{layer}."
 
     def rename(name: str) -> str:
         return prefix + name[len(canon_prefix):] if name.startswith(canon_prefix) else name

@@ -83,6 +83,8 @@ class FamilySpec:
         verify error saying ``required_config_reason``.
     engine_renames: ``(engine, old, new)``: how an engine's weight loader renames checkpoint names
         (``name.replace(old, new)`` where ``old`` occurs, in order) before it builds its modules.
+    alt_layer_prefixes: other spellings of ``layer_prefix`` found in published checkpoints of the
+        family (NVIDIA's Kimi-K2.5 NVFP4: ``language_model.layers.``), read as decoder layers too.
     """
 
     name: str
@@ -97,6 +99,7 @@ class FamilySpec:
     required_config_keys: tuple[str, ...] = ()
     required_config_reason: str = ""
     engine_renames: tuple[tuple[str, str, str], ...] = ()
+    alt_layer_prefixes: tuple[str, ...] = ()
 
     @property
     def text_prefix(self) -> str:
@@ -127,7 +130,12 @@ class FamilySpec:
         return tc
 
     def layer_index(self, name: str) -> int | None:
-        return layer_index(name, self.layer_prefix)
+        """The decoder layer of a name in ``layer_prefix`` or one of ``alt_layer_prefixes``, or None."""
+        for prefix in (self.layer_prefix, *self.alt_layer_prefixes):
+            li = layer_index(name, prefix)
+            if li is not None:
+                return li
+        return None
 
     def fused_groups(self, config: Mapping) -> tuple[FusedGroup, ...]:
         """The fused groups this config has (those whose ``needs`` key is set)."""
@@ -154,9 +162,11 @@ DEEPSEEK_V3 = FamilySpec(
 # Renames as the engines' kimi_k25.py load_weights apply them: vLLM maps ``language_model.lm_head``
 # to ``lm_head`` and ``language_model.model`` to ``language_model``; SGLang maps NVIDIA's
 # ``language_model.layers.`` to ``language_model.model.layers.``, then strips ``language_model.``.
+# NVIDIA's Kimi-K2.5-NVFP4 spells the layers ``language_model.layers.N`` (both engines map it back
+# for "legacy NVFP4 checkpoints"), so a checkpoint in that spelling is read as the same layers.
 KIMI_K25 = dataclasses.replace(
     DEEPSEEK_V3, name="kimi_k25", model_types=("kimi_k25",), layer_prefix="language_model.model.layers.",
-    text_config_key="text_config",
+    alt_layer_prefixes=("language_model.layers.",), text_config_key="text_config",
     engine_renames=(("vllm", "language_model.lm_head", "lm_head"), ("vllm", "language_model.model", "language_model"),
                     ("vllm", "mm_projector.proj.0", "mm_projector.linear_1"),
                     ("vllm", "mm_projector.proj.2", "mm_projector.linear_2"),

@@ -246,9 +246,9 @@ def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_
     """
     mesh = mesh or device_mesh()
     n = mesh.size
-    prefix = family.layer_prefix(layer)
+    prefix = family.layer_prefix(layer, params)
     canon = _canonical_layer(family, layer)
-    canon_prefix = family.layer_prefix(canon)
+    canon_prefix = prefix[:-len(f"{layer}.")] + f"{canon}."  # the same spelling, canonical index
     local = {canon_prefix + k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
     if not local:
         raise ModelConfigError(f"no tensors named {prefix}* in the parameters passed for layer {layer}")

@@ -333,7 +333,8 @@ def test_wrapper_layout_is_one_spec():
     list follow from it."""
     assert families.KIMI_K25 == dataclasses.replace(
         families.DEEPSEEK_V3, name="kimi_k25", model_types=("kimi_k25",), layer_prefix="language_model.model.layers.",
-        text_config_key="text_config", engine_renames=families.KIMI_K25.engine_renames)
+        text_config_key="text_config", engine_renames=families.KIMI_K25.engine_renames,
+        alt_layer_prefixes=("language_model.layers.",))
     cfg = {"model_type": "kimi_k25", "num_hidden_layers": 99,  # the top level is not the decoder's
            "text_config": {"model_type": "kimi_k2", "num_hidden_layers": 3, "q_lora_rank": 64}}
     lay = get_layout(cfg)

@@ -112,6 +112,7 @@ class Family:
         spec = find_family_spec(config)
         wrapped = spec is not None and spec.text_config_key is not None
         self.names_prefix = spec.text_prefix if wrapped else ""
+        self.alt_layer_prefixes = spec.alt_layer_prefixes if wrapped else ()
         self.config = dict(spec.text_config(config) if wrapped else config)
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if self.config.get(key) is None:
@@ -122,12 +123,20 @@ class Family:
     def num_layers(self, config: Mapping[str, Any] | None = None) -> int:
         return int((config or self.config)["num_hidden_layers"])
 
-    def layer_prefix(self, layer: int) -> str:
-        return f"{self.names_prefix}model.layers.{layer}."
+    def layer_prefix(self, layer: int, names=None) -> str:
+        """What layer `layer`'s tensor names start with: ``{names_prefix}model.layers.{layer}.``, or
+        the first of the spec's alt_layer_prefixes that `names` (checkpoint names) use instead."""
+        prefix = f"{self.names_prefix}model.layers.{layer}."
+        if names is not None and not any(n.startswith(prefix) for n in names):
+            for alt in self.alt_layer_prefixes:
+                if any(n.startswith(f"{alt}{layer}.") for n in names):
+                    return f"{alt}{layer}."
+        return prefix
 
     def layer_param_names(self, layer: int, all_names) -> list[str]:
         """Checkpoint tensor names that belong to decoder layer `layer`."""
-        prefix = self.layer_prefix(layer)
+        all_names = list(all_names)
+        prefix = self.layer_prefix(layer, all_names)
         return [n for n in all_names if n.startswith(prefix)]
 
     def tensor_name(self, name: str) -> str:
@@ -205,7 +214,7 @@ class Family:
         """
         if not 0 <= layer < self.num_layers():
             raise ModelConfigError(f"layer {layer} is out of range 0..{self.num_layers() - 1}")
-        prefix = self.layer_prefix(layer)
+        prefix = self.layer_prefix(layer, params)
         hidden = jnp.asarray(hidden).astype(jnp.dtype(dtype))
         local = _local(params, prefix)
         if not local:
@@ -229,7 +238,7 @@ class Family:
             return run_experts(dispatch, weights, in_amax, act_name=self.spec.act, chunk_size=self.expert_chunk_size,
                                collect_hessian=collect_hessian)
 
-        return self._moe_forward(layer, local, local_amax, hidden, routed_experts, _Static(window, collect_hessian))
+        return self._moe_forward(prefix, local, local_amax, hidden, routed_experts, _Static(window, collect_hessian))
 
     def moe_forward(self, layer: int, params: Params, hidden: jax.Array, routed_experts: Callable, *,
                     dtype=jnp.bfloat16) -> tuple[jax.Array, LayerStats]:
@@ -239,15 +248,15 @@ class Family:
         hold them). `params` needs only the layer's other tensors; no evaluation hook, no hessians."""
         if not self.is_moe_layer(layer):
             raise ModelConfigError(f"layer {layer} is not a MoE layer")
-        prefix = self.layer_prefix(layer)
+        prefix = self.layer_prefix(layer, params)
         local = {n: v for n, v in _local(params, prefix).items() if not n.startswith(_EXPERTS)}
         if not local:
             raise ModelConfigError(f"no tensors named {prefix}* in the parameters passed for layer {layer}")
         hidden = jnp.asarray(hidden).astype(jnp.dtype(dtype))
-        return self._moe_forward(layer, local, {}, hidden, routed_experts, _Static(self.sliding_window(layer), False))
+        return self._moe_forward(prefix, local, {}, hidden, routed_experts, _Static(self.sliding_window(layer), False))
 
-    def _moe_forward(self, layer: int, local: Params, local_amax: Params, hidden, routed_experts, static: _Static):
-        prefix = self.layer_prefix(layer)
+    def _moe_forward(self, prefix: str, local: Params, local_amax: Params, hidden, routed_experts, static: _Static):
+        # prefix: the layer's names in the spelling its tensors use (layer_prefix(layer, params))
         rest = {n: v for n, v in local.items() if not n.startswith(_EXPERTS)}
         rest_amax = {n: v for n, v in local_amax.items() if not n.startswith(_EXPERTS)}
         (h_resid, topk_ids, topk_w, shared_out), observed, dispatch, (hess, rows, gate_up_hess) = _moe_pre_jit(

@@ -114,7 +114,9 @@ class CausalLM(nnx.Module):
     `model(input_ids)` returns (logits [B, S, V] in `dtype`, [LayerStats per layer]) and equals
     `family.forward(model.param_dict(), input_ids, dtype=dtype)` bitwise when all layers are held.
     Under `nnx.jit(model)` the whole model becomes one XLA program, whose fusions across layers may
-    round differently from the per-layer jits of eager calls (about 1 ulp of the logits).
+    round differently from the per-layer jits of eager calls (about 1 ulp of the logits); it is
+    compiled with XLA's default options, so bf16 intermediates may keep float32 precision where the
+    eager calls round as torch does (models/exact_jit.py).
     With `layers` a subset, the held layers run in order between the embedding and the head (a
     truncated model, e.g. for quick looks at the first layers' statistics).
 
