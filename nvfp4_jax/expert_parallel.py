@@ -52,7 +52,10 @@ from nvfp4_jax.models.ops import ModelConfigError
 from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
 
 AXIS = "experts"
-MODES = ("auto", "off")  # --expert-parallel; auto: on for MoE layers when the run has >1 device
+# --expert-parallel. auto: MoE layers over this process's devices when it has several; processes:
+# over the devices of every process of a multi-process run (experimental: with JAX's persistent
+# compilation cache on, its gloo collectives time out or hang, see ARCHITECTURE.md); off: never
+MODES = ("auto", "processes", "off")
 DEFAULT_MODE = "auto"
 
 
@@ -86,7 +89,7 @@ def enabled(mode: str, family, layer: int, num_devices: int) -> bool:
     """Whether ``layer`` runs expert parallel under ``--expert-parallel mode``."""
     if mode not in MODES:
         raise ValueError(f"unknown expert-parallel mode {mode!r}; choose one of {MODES}")
-    return mode == "auto" and num_devices > 1 and family is not None and family.is_moe_layer(layer)
+    return mode != "off" and num_devices > 1 and family is not None and family.is_moe_layer(layer)
 
 
 class ExpertBlocks(NamedTuple):

@@ -184,9 +184,11 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
 def _set_expert_mesh(run: _Run) -> None:
     """--expert-parallel auto with several devices (of this process, or of all processes of a
     calibrated multi-process run): the mesh MoE layers' routed experts are split over."""
-    if run.opt.expert_parallel != "auto" or run.family is None or run.opt.weight_scales == "local-hessian":
+    if run.opt.expert_parallel == "off" or run.family is None or run.opt.weight_scales == "local-hessian":
         return
     if run.coordinator.num_processes > 1:
+        if run.opt.expert_parallel != "processes":
+            return  # auto: one process's devices only
         if any(run.family.is_moe_layer(layer) for layer in range(run.family.num_layers())):
             run.expert_mesh = expert_parallel.expert_mesh(jax.devices())
     elif run.mesh is not None:

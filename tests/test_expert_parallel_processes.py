@@ -85,7 +85,7 @@ def model(tmp_path_factory):
 
 def _convert_args(root: Path, src: Path, out: Path) -> list[str]:
     return ["convert", str(src), str(out), "--calib-tokens", str(root / "tokens.json"), "--batch-size", "2",
-            "--quiet", "--shard-size", "5000000"]
+            "--quiet", "--shard-size", "5000000", "--expert-parallel", "processes"]
 
 
 def test_two_processes_read_their_experts_only_and_write_one_process_bytes(model):
