@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nvfp4_jax import resources
+from nvfp4_jax.models.exact_jit import exact_jit
 from nvfp4_jax.models.moe import PROJECTIONS, Dispatch, ExpertWeights, experts_chunk
 from nvfp4_jax.models.ops import ModelConfigError
 from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
@@ -269,7 +270,7 @@ def _forward_fn(family, canon: int, mesh: Mesh, dtype, signature, replicated: bo
             return out, jax.tree.map(lambda v: v[None], stats)  # one row of statistics per device
 
         rows = P() if replicated else P(AXIS)
-        fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), rows), out_specs=(rows, rows),
+        fn = exact_jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), rows), out_specs=(rows, rows),
                                    check_vma=False))
         _FORWARD_CACHE[key] = fn
     return fn

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from nvfp4_jax.families import find_family_spec
 
+from .exact_jit import exact_jit
 from .hessian import expert_block_second_moment_sum
 from .moe import ExpertNames, combine_experts, run_experts, sort_by_expert
 from .ops import LayerParams, ModelConfigError, Params, linear, rms_norm
@@ -36,7 +37,7 @@ def _run_dense(layer_fn, spec, params, input_amax, hidden, static: _Static):
     return hidden, p.observed, (p.hessian, p.rows)
 
 
-_run_dense_jit = jax.jit(_run_dense, static_argnames=("layer_fn", "spec", "static"))
+_run_dense_jit = exact_jit(_run_dense, static_argnames=("layer_fn", "spec", "static"))
 
 
 def _moe_pre(pre_fn, spec, params, input_amax, hidden, static: _Static):
@@ -49,7 +50,7 @@ def _moe_pre(pre_fn, spec, params, input_amax, hidden, static: _Static):
     return (h_resid, topk_ids, topk_w, shared_out), p.observed, dispatch, (p.hessian, p.rows, gate_up_hessian)
 
 
-_moe_pre_jit = jax.jit(_moe_pre, static_argnames=("pre_fn", "spec", "static"))
+_moe_pre_jit = exact_jit(_moe_pre, static_argnames=("pre_fn", "spec", "static"))
 
 
 def _moe_post(h_resid, y_sorted, order, topk_ids, topk_w, shared_out):
@@ -60,7 +61,7 @@ def _moe_post(h_resid, y_sorted, order, topk_ids, topk_w, shared_out):
     return (h_resid + moe.reshape(h_resid.shape)).astype(dtype)
 
 
-_moe_post_jit = jax.jit(_moe_post)
+_moe_post_jit = exact_jit(_moe_post)
 
 
 def _hessian_fields(prefix: str, hessian, rows, collected: bool) -> tuple:
@@ -74,14 +75,14 @@ def _embed(w, input_ids, dtype):
     return jnp.take(w, input_ids, axis=0).astype(dtype)
 
 
-_embed_jit = jax.jit(_embed, static_argnames=("dtype",))
+_embed_jit = exact_jit(_embed, static_argnames=("dtype",))
 
 
 def _head(norm_w, lm_w, hidden, eps):
     return linear(rms_norm(hidden, norm_w, eps), lm_w)
 
 
-_head_jit = jax.jit(_head, static_argnames=("eps",))
+_head_jit = exact_jit(_head, static_argnames=("eps",))
 
 
 def _local(names: Mapping[str, Any], prefix: str) -> dict[str, Any]:
