@@ -168,12 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block scales of the weights: max, or searched per block (mse: E4M3 sweep; "
                         "four-over-six; local-hessian: error weighted by the inputs' second moments, "
                         "needs calibration), docs/SPEC.md section 10")
-    c.add_argument("--expert-parallel", choices=["auto", "on", "off"], default="auto",
-                   help="on: with several devices, the routed experts of each MoE layer are split over "
-                        "them for the calibration forward (each device holds E/D experts plus the shared "
-                        "part, each process reads only its experts; same output bytes); auto: on, except "
-                        "across processes on CPU (gloo collectives); off: every device holds the whole "
-                        "layer (default: auto)")
+    c.add_argument("--expert-parallel", choices=["auto", "processes", "off"], default="auto",
+                   help="auto: with several local devices, the routed experts of each MoE layer are split "
+                        "over them for the calibration forward and quantization (each device holds E/D "
+                        "experts plus the shared part; same output bytes); processes: over the devices of "
+                        "every process of a multi-process run, each process reading only its experts "
+                        "(experimental: not with JAX's persistent compilation cache); off: every device "
+                        "holds the whole layer (default: auto)")
     c.add_argument("--input-scale-constant", type=float,
                    help="calibration-free: every input_scale = this value, NVIDIA ships 1.0 "
                         "(default: none, calibrate)")

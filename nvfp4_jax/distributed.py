@@ -19,7 +19,9 @@ How the work is split, and why the result is byte-identical to a one-process run
   forward is exactly the one-process forward; after every layer the statistics are merged over all
   processes (max of every amax, sum of token counts: order-free and exact), so every process
   derives the same input scales. The calibration forward needs the whole layer, so calibrated runs
-  read every layer on every process; calibration-free runs read only their share.
+  read every layer on every process (except with ``--expert-parallel processes``, where a MoE layer's
+  routed experts are split over every process's devices and each process reads only its own:
+  :mod:`nvfp4_jax.expert_parallel`); calibration-free runs read only their share.
 * End. Each process reports its manifest (units done, tensors written) to process 0, which checks
   that every planned tensor was written exactly once, writes index, configs and report, and
   renames ``OUT.partial`` to ``OUT``; the others wait for that and exit with its outcome.

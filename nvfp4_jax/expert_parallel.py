@@ -53,10 +53,10 @@ from nvfp4_jax.models.ops import ModelConfigError
 from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
 
 AXIS = "experts"
-# --expert-parallel. on: MoE layers whenever the run has >1 device. auto: the same, except across
-# processes on the CPU backend: there the collectives go through gloo, whose connection setup has a
-# fixed 30 s deadline that a loaded host misses, and multi-process CPU runs are for testing anyway.
-MODES = ("auto", "on", "off")
+# --expert-parallel. auto: MoE layers over this process's devices when it has several; processes:
+# over the devices of every process of a multi-process run (experimental: with JAX's persistent
+# compilation cache on, its gloo collectives time out or hang, see ARCHITECTURE.md); off: never
+MODES = ("auto", "processes", "off")
 DEFAULT_MODE = "auto"
 
 
@@ -75,7 +75,7 @@ def spans_processes(mesh: Optional[Mesh]) -> bool:
 def expert_owners(family, layer: int, names: Sequence[str], mesh: Mesh) -> dict[str, int]:
     """The process that holds each routed-expert tensor of ``layer`` (the owner of its device):
     it quantizes and writes it (``ConversionPlan.owners(pinned=)``)."""
-    prefix = family.layer_prefix(layer, names)
+    prefix = family.layer_prefix(layer)
     blocks = ExpertBlocks(family.num_experts, mesh.size)
     devices = list(mesh.devices.flat)
     out = {}
@@ -131,7 +131,7 @@ def read_layer(family, reader, layer: int, names: Sequence[str], mesh: Mesh, dty
     """Layer ``layer``'s tensors from ``reader``: each routed expert decoded on the device of
     ``mesh`` that owns it, the rest on the default device. With ``only_local`` (multi-process),
     experts owned by another process's devices are not read at all."""
-    prefix = family.layer_prefix(layer, names)
+    prefix = family.layer_prefix(layer)
     blocks = ExpertBlocks(family.num_experts, mesh.size)
     devices = list(mesh.devices.flat)
     out = {}
@@ -154,7 +154,7 @@ def place_experts(family, layer: int, params: Mapping[str, jax.Array], mesh: Mes
     """(gate, up, down) stacks ``[E_pad, ...]`` sharded along ``experts`` over ``mesh``: each
     device stacks only its own experts (read from ``params`` by checkpoint name, zeros past E);
     only this process's devices' experts need be in ``params``."""
-    prefix = family.layer_prefix(layer, params) + "mlp.experts"
+    prefix = family.layer_prefix(layer) + "mlp.experts"
     blocks = ExpertBlocks(family.num_experts, mesh.size)
     sharding = NamedSharding(mesh, P(AXIS))
     devices = list(mesh.devices.flat)
@@ -293,9 +293,9 @@ class LayerProgram(NamedTuple):
 
 def prepare(family, layer: int, params: Mapping[str, jax.Array], mesh: Mesh, dtype=jnp.bfloat16) -> LayerProgram:
     """Place layer ``layer``'s tensors on ``mesh`` and get its programs (compiled once per kind)."""
-    prefix = family.layer_prefix(layer, params)
+    prefix = family.layer_prefix(layer)
     canon = _canonical_layer(family, layer)
-    canon_prefix = prefix[:-len(f"{layer}.")] + f"{canon}."  # the same spelling, canonical index
+    canon_prefix = family.layer_prefix(canon)
     stacks = place_experts(family, layer, params, mesh, dtype)
     rest = {canon_prefix + k[len(prefix):]: v for k, v in params.items()
             if k.startswith(prefix) and expert_of(k, prefix) is None}
@@ -447,9 +447,7 @@ def forward_across_processes(family, layer: int, params: Mapping[str, jax.Array]
 
 
 def _renamed(family, layer: int, merged: LayerStats) -> LayerStats:
-    canon = _canonical_layer(family, layer)
-    canon_prefix = family.layer_prefix(canon, merged.input_amax)  # the spelling the statistics use
-    prefix = canon_prefix[:-len(f"{canon}.")] + f"{layer}."
+    prefix, canon_prefix = family.layer_prefix(layer), family.layer_prefix(_canonical_layer(family, layer))
 
     def rename(name: str) -> str:
         return prefix + name[len(canon_prefix):] if name.startswith(canon_prefix) else name

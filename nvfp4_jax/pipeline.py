@@ -182,13 +182,13 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
 
 
 def _set_expert_mesh(run: _Run) -> None:
-    """--expert-parallel auto/on with several devices (of this process, or of all processes of a
+    """--expert-parallel auto with several devices (of this process, or of all processes of a
     calibrated multi-process run): the mesh MoE layers' routed experts are split over."""
     if run.opt.expert_parallel == "off" or run.family is None or run.opt.weight_scales == "local-hessian":
         return
     if run.coordinator.num_processes > 1:
-        if run.opt.expert_parallel == "auto" and jax.default_backend() == "cpu":
-            return  # see expert_parallel.MODES
+        if run.opt.expert_parallel != "processes":
+            return  # auto: one process's devices only
         if any(run.family.is_moe_layer(layer) for layer in range(run.family.num_layers())):
             run.expert_mesh = expert_parallel.expert_mesh(jax.devices())
     elif run.mesh is not None:
