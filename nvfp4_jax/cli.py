@@ -117,7 +117,7 @@ def cmd_bench(args) -> int:
         bench.bench_quantize(repeats=args.repeats, torch_ref=not args.no_torch, shapes=args.shape)
     else:
         bench.bench_convert(layers=args.layers, experts=args.experts, calib=(args.calib_samples, args.calib_seq_len),
-                            workdir=args.workdir, keep=args.keep)
+                            workdir=args.workdir, keep=args.keep, compile_cache=args.compile_cache)
     return 0
 
 
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib-seq-len", type=int, default=64, help="convert: tokens per calibration sample")
     b.add_argument("--workdir", default=None,
                    help="convert: where sources and outputs go (default: a new temp dir)")
+    b.add_argument("--compile-cache", metavar="DIR", default="off",
+                   help="convert: JAX persistent compilation cache of the timed conversions; a second bench with "
+                        "the same DIR measures warm runs")
     b.add_argument("--keep", action="store_true",
                    help="convert: keep sources and outputs in the workdir (a kept source is reused)")
     b.set_defaults(func=cmd_bench)
