@@ -339,15 +339,19 @@ def test_padded_expert_matmul_gives_the_same_layer(checkpoints, monkeypatch):
 
 
 def test_padded_matmul_rule(monkeypatch):
-    """Padded when C x capacity is at most the sorted rows ragged_dot is given; capacities come
-    from a short ladder (16, 24, 32, 48, ...) that is never below the largest expert's rows."""
+    """Padded when C x capacity is at most PADDED_ROWS_FACTOR (4) times the sorted rows ragged_dot
+    is given; capacities come from a short ladder (16, 24, 32, 48, ...) never below the largest
+    expert's rows."""
     from nvfp4_jax.models import moe
 
     monkeypatch.delenv(moe.MOE_MATMUL_ENV, raising=False)
     ladder = [moe.padded_capacity(r) for r in (0, 1, 16, 17, 24, 25, 33, 49, 65, 1000)]
     assert ladder == [16, 16, 16, 24, 24, 32, 48, 64, 96, 1024]
+    assert moe.PADDED_ROWS_FACTOR == 4
     sizes = np.array([10, 30, 0, 5, 200, 1], np.int64)  # 246 sorted rows
-    # chunks of 2: max 30 -> 32 (64 rows <= 246), max 5 -> 16 (32 rows), max 200 -> 256 (512 > 246: ragged)
-    assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [32, 16, None]
+    # chunks of 2: max 30 -> 32 (64 rows), max 5 -> 16 (32 rows), max 200 -> 256 (512 rows <= 4 x 246)
+    assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [32, 16, 256]
+    # chunk of 6: max 200 -> 256, 6 x 256 = 1536 > 4 x 246 = 984: ragged
+    assert moe.chunk_matmul_plan(sizes, [0], 6, 246) == [None]
     monkeypatch.setenv(moe.MOE_MATMUL_ENV, "ragged")
     assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [None, None, None]
