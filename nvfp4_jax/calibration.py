@@ -118,9 +118,17 @@ def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden:
     (the layer's outputs, one per batch, ready; the layer's statistics over all batches).
 
     With ``mesh`` (a ``jax.sharding.Mesh``) every batch is split over its devices
-    (``sharding.forward_sharded``); otherwise batches run one by one on the default device."""
+    (``sharding.forward_sharded``); with an expert mesh (``expert_parallel.expert_mesh``, axis
+    ``experts``) a MoE layer runs expert parallel (``expert_parallel.forward``: each device its
+    block of routed experts, ``params`` placed by ``expert_parallel.read_layer``) and a dense layer
+    as with a mesh; otherwise batches run one by one on the default device."""
+    from nvfp4_jax import expert_parallel
+
     stats = CalibStats()
-    if mesh is not None:
+    if mesh is not None and tuple(mesh.axis_names) == (expert_parallel.AXIS,) and family.is_moe_layer(layer):
+        out, merged = expert_parallel.forward(family, layer, params, hidden, dtype, mesh)
+        stats.observe(merged)
+    elif mesh is not None:
         out, merged = sharding.forward_sharded(family, layer, params, hidden, dtype, mesh)
         stats.observe(merged)
     else:

@@ -64,6 +64,7 @@ def cmd_convert(args) -> int:
         input_scale_constant=args.input_scale_constant, fmt=args.format, shard_size=args.shard_size,
         resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, weight_scales=args.weight_scales,
         overlap=not args.no_overlap,
+        expert_parallel=args.expert_parallel,
         inputs=tuple(Path(p) for p in (args.calib, args.calib_tokens) if p))
     if args.coordinator or args.num_processes > 1:
         from nvfp4_jax.distributed import Processes, convert_distributed
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block scales of the weights: max, or searched per block (mse: E4M3 sweep; "
                         "four-over-six; local-hessian: error weighted by the inputs' second moments, "
                         "needs calibration), docs/SPEC.md section 10")
+    c.add_argument("--expert-parallel", choices=["auto", "off"], default="auto",
+                   help="auto: with several devices, the routed experts of each MoE layer are split over "
+                        "them for the calibration forward (each device holds E/D experts plus the shared "
+                        "part; same output bytes); off: every device holds the whole layer (default: auto)")
     c.add_argument("--input-scale-constant", type=float,
                    help="calibration-free: every input_scale = this value, NVIDIA ships 1.0 "
                         "(default: none, calibrate)")

@@ -31,8 +31,9 @@ class Coordinator:
         one-process forward)."""
         raise NotImplementedError
 
-    def owned(self, plan: ConversionPlan) -> frozenset:
-        """The source tensors this process quantizes and writes."""
+    def owned(self, plan: ConversionPlan, pinned=None) -> frozenset:
+        """The source tensors this process quantizes and writes (``pinned``: see
+        ``ConversionPlan.owners``)."""
         raise NotImplementedError
 
     def allreduce_stats(self, unit: str, stats: CalibStats) -> CalibStats:
@@ -53,6 +54,14 @@ class Coordinator:
         """What the run report says about the processes."""
         return {}
 
+    def gather_json(self, tag: str, value) -> list:
+        """Every process's JSON-able ``value`` for ``tag``, in process order (every process calls it)."""
+        raise NotImplementedError
+
+    def barrier(self, tag: str) -> None:
+        """Return once every process has called ``barrier(tag)`` (bounded waits)."""
+        raise NotImplementedError
+
 
 class LocalCoordinator(Coordinator):
     """One process does everything."""
@@ -60,7 +69,7 @@ class LocalCoordinator(Coordinator):
     def batches(self, batches: Sequence) -> list:
         return list(batches)
 
-    def owned(self, plan: ConversionPlan) -> frozenset:
+    def owned(self, plan: ConversionPlan, pinned=None) -> frozenset:
         return frozenset(n for unit in plan.units for n in unit.source_names())
 
     def allreduce_stats(self, unit: str, stats: CalibStats) -> CalibStats:
@@ -71,6 +80,12 @@ class LocalCoordinator(Coordinator):
 
     def finish(self, writer: PlannedWriter, write_outputs: WriteOutputs) -> Optional[dict]:
         return write_outputs(writer.unit_info(), None)
+
+    def gather_json(self, tag: str, value) -> list:
+        return [value]
+
+    def barrier(self, tag: str) -> None:
+        return None
 
 
 def process_writer(out, plan: ConversionPlan, options: WriterOptions, coordinator: Coordinator) -> PlannedWriter:

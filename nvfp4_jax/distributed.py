@@ -172,13 +172,20 @@ class ProcessGroup(Coordinator):
                        else self.wait(self._key(tag, p), f"{what} from process {p}"))
         return out
 
+    def barrier(self, tag: str) -> None:
+        self.fault(f"barrier:{tag}")
+        self.all_gather(f"barrier/{tag}", "1", f"every process to reach {tag}")
+
+    def gather_json(self, tag: str, value) -> list:
+        return [json.loads(v) for v in self.all_gather(f"json/{tag}", json.dumps(value), f"the {tag} figures")]
+
     # -- the steps of a conversion ----------------------------------------------------------------
 
     def batches(self, batches: Sequence) -> list:
         return list(batches[self.process_id::self.num_processes])
 
-    def owned(self, plan) -> frozenset:
-        return frozenset(n for n, p in plan.owners(self.num_processes).items() if p == self.process_id)
+    def owned(self, plan, pinned=None) -> frozenset:
+        return frozenset(n for n, p in plan.owners(self.num_processes, pinned).items() if p == self.process_id)
 
     def report_fields(self) -> dict:
         return {"processes": self.num_processes}
@@ -305,6 +312,9 @@ def initialize(processes: Processes) -> ProcessGroup:
     minutes = max(1, math.ceil(secs / 60))  # the CPU client's topology exchange at backend start
     jax.config.update("jax_cpu_get_local_topology_timeout_minutes", minutes)
     jax.config.update("jax_cpu_get_global_topology_timeout_minutes", minutes + 1)
+    # CPU devices of different processes run collectives (the expert-parallel forward) through gloo;
+    # without it XLA CPU has no cross-process collectives. No effect on GPU/TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     print(f"nvfp4-jax: process {process_id} of {num_processes} joining {coordinator} "
           f"(waits at most {secs} s for the others)", file=sys.stderr, flush=True)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import __version__, calib_data, compile_cache, fingerprint, guards, numerics, sharding, weight_scales
+from nvfp4_jax import (__version__, calib_data, compile_cache, expert_parallel, fingerprint, guards, numerics,
+                       resources, sharding, weight_scales)
 from nvfp4_jax.overlap import LAYERS_IN_FLIGHT, WriteBehind, read_ahead
 from nvfp4_jax.finite import check_finite
 from nvfp4_jax.layer_quant import input_scales, quantize_layer
@@ -35,6 +36,7 @@ from nvfp4_jax.calibration import (
 )
 from nvfp4_jax.checkpoint.formats import output_config
 from nvfp4_jax.checkpoint.reader import CheckpointReader
+from nvfp4_jax.checkpoint.safetensors_io import DTYPES
 from nvfp4_jax.checkpoint.writer import PlannedWriter, WriterOptions
 from nvfp4_jax.coordinator import Coordinator, LocalCoordinator
 from nvfp4_jax.errors import NVFP4Error, UsageError
@@ -64,6 +66,8 @@ class ConvertOptions:
     inputs: tuple = ()  # other files the run reads (the calibration file): OUT may not overlap them
     weight_scales: str = "max"  # block-scale rule: max | mse | four-over-six | local-hessian (SPEC section 10)
     overlap: bool = True  # read layer L+1 and write layer L-1 while layer L computes (nvfp4_jax.overlap)
+    # auto: MoE layers' routed experts split over the devices for the calibration forward (same bytes)
+    expert_parallel: str = expert_parallel.DEFAULT_MODE
 
 
 def _peak_rss_mb() -> float:
@@ -128,6 +132,12 @@ class _Run:
     resumed_units: set = dataclasses.field(default_factory=set)  # finished by the interrupted run
     family: object = None  # the model family; None for a calibration-free run
     mesh: object = None  # all local devices: calibration samples and stacked experts split over them
+    expert_mesh: object = None  # --expert-parallel: MoE layers' routed experts split over these devices
+    expert_parallel_layers: list = dataclasses.field(default_factory=list)  # the layers that ran so
+    monitor: resources.ResourceMonitor = dataclasses.field(default_factory=resources.ResourceMonitor)
+    resources: list = dataclasses.field(default_factory=list)  # every process's ResourceMonitor.report()
+    replicated_blocks: list = dataclasses.field(default_factory=list)  # across processes: per hidden entry
+    foreign: frozenset = frozenset()  # across processes: routed experts held (and read) by other processes
 
     @property
     def dtype(self):
@@ -152,10 +162,11 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         raise UsageError("--weight-scales local-hessian runs in one process only (its input statistics are "
                          "not exchanged between processes)")
     with contextlib.ExitStack() as cleanup:
+        monitor = resources.ResourceMonitor()  # bytes read are counted from here
         reader = CheckpointReader(src)  # validates every file before anything is written
         cleanup.callback(reader.close)
         samples = _calibration_samples(opt, reader.config)
-        run = _Run(src, out, opt, reader, build_plan(reader, opt), coordinator, samples)
+        run = _Run(src, out, opt, reader, build_plan(reader, opt), coordinator, samples, monitor=monitor)
         run.family = _family(reader.config) if samples else None
         settings = fingerprint.run_fingerprint(reader, samples, run.plan.settings)
         run.writer = cleanup.enter_context(coordinator.open_writer(
@@ -163,10 +174,47 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         log(_start_line(run))
         if opt.resume and not run.writer.resumed:
             log(f"--resume: no interrupted run in {Path(out).name}.partial to continue; starting a new conversion")
-        run.owned = coordinator.owned(run.plan)
         run.mesh = sharding.device_mesh() if len(jax.local_devices()) > 1 else None
+        _set_expert_mesh(run)
+        run.owned = coordinator.owned(run.plan, _pinned_owners(run))
         stats = _convert_units(run, _embed(run))
+        run.monitor.sample()
+        # every process's figures, before the finalizing process writes the report
+        figures = run.monitor.report()
+        if figures["bytes_read"] is not None:  # beside the OS's count, the reader's own
+            figures["bytes_read"]["reader"] = reader.bytes_read
+        run.resources = coordinator.gather_json("resources", figures)
         return coordinator.finish(run.writer, lambda units, manifests: _write_outputs(run, stats, units, manifests))
+
+
+def _set_expert_mesh(run: _Run) -> None:
+    """--expert-parallel auto with several devices (of this process, or of all processes of a
+    calibrated multi-process run): the mesh MoE layers' routed experts are split over."""
+    if run.opt.expert_parallel != "auto" or run.family is None or run.opt.weight_scales == "local-hessian":
+        return
+    if run.coordinator.num_processes > 1:
+        if any(run.family.is_moe_layer(layer) for layer in range(run.family.num_layers())):
+            run.expert_mesh = expert_parallel.expert_mesh(jax.devices())
+    elif run.mesh is not None:
+        run.expert_mesh = expert_parallel.expert_mesh(jax.local_devices())
+
+
+def _across_processes(run: _Run) -> bool:
+    """The expert mesh spans processes: every process runs every batch's collective programs."""
+    return expert_parallel.spans_processes(run.expert_mesh)
+
+
+def _pinned_owners(run: _Run) -> Optional[dict]:
+    """Across processes, each routed expert tensor is quantized and written by the process whose
+    device holds it (it is the only process that reads it)."""
+    if not _across_processes(run):
+        return None
+    pinned = {}
+    for unit in run.plan.units:
+        if _expert_parallel(run, unit):
+            pinned.update(expert_parallel.expert_owners(run.family, unit.layer, unit.source_names(), run.expert_mesh))
+    run.foreign = frozenset(n for n, p in pinned.items() if p != run.coordinator.process_id)
+    return pinned
 
 
 def _check_options(opt: ConvertOptions) -> None:
@@ -177,6 +225,8 @@ def _check_options(opt: ConvertOptions) -> None:
     if opt.weight_scales == "local-hessian" and opt.input_scale_constant is not None:
         raise UsageError("--weight-scales local-hessian needs calibration data (the second moments of the "
                          "linears' inputs); it cannot run with --input-scale-constant")
+    if opt.expert_parallel not in expert_parallel.MODES:
+        raise UsageError(f"unknown --expert-parallel {opt.expert_parallel!r}; choose one of {expert_parallel.MODES}")
     if opt.moe_policy not in MOE_POLICIES:
         raise UsageError(f"unknown --moe-policy {opt.moe_policy!r}; choose one of {MOE_POLICIES}")
     if opt.input_scale_constant is None and not opt.calib_tokens:
@@ -229,6 +279,8 @@ def _embed(run: _Run) -> list:
     with run.timer("read"):
         embed_params = run.reader.get_many(run.family.embed_param_names(run.reader.names()), run.dtype)
         check_finite(embed_params)
+    if _across_processes(run):
+        return _embed_across_processes(run, embed_params)
     with run.timer("calibrate"):
         batches = run.coordinator.batches(_batches(run.samples, run.opt.batch_size))
         hidden = [run.family.embed(embed_params, jnp.asarray(b)) for b in batches]
@@ -257,6 +309,54 @@ def _load_unit(run: _Run, unit: UnitPlan) -> _LoadedUnit:
 
 def _calibrates(run: _Run, unit: UnitPlan) -> bool:
     return run.family is not None and unit.layer < run.plan.num_layers  # MTP layers: not calibrated
+
+
+def _embed_across_processes(run: _Run, embed_params) -> list:
+    """The calibration rows of this process when the expert mesh spans processes: every batch is
+    regrouped into global batches of batch_size rows per device of the run; this process keeps its
+    block of each (the rows of its devices) and, in full, rows past the last multiple of the device
+    count (replicated on every process, counted once; ``run.replicated_blocks``)."""
+    d, n, p = run.expert_mesh.size, run.coordinator.num_processes, run.coordinator.process_id
+    with run.timer("calibrate"):
+        tokens = [jnp.asarray(b) for b in _batches(run.samples, run.opt.batch_size)]
+        hidden, run.replicated_blocks = [], []
+        for g in sharding.regroup_batches(tokens, run.opt.batch_size * d):
+            main = g.shape[0] // d * d
+            if main:
+                share = main // n
+                hidden.append(run.family.embed(embed_params, g[p * share:(p + 1) * share]))
+                run.replicated_blocks.append(False)
+            if main < g.shape[0]:
+                hidden.append(run.family.embed(embed_params, g[main:]))
+                run.replicated_blocks.append(True)
+    return hidden
+
+
+def _calibrate_across_processes(run: _Run, layer: int, params: dict, hidden: list) -> tuple[list, CalibStats]:
+    """One layer over this process's calibration rows when the expert mesh spans processes: MoE
+    layers through the collective expert-parallel programs, dense layers locally; this process's
+    share of the statistics (replicated rows counted by process 0 only)."""
+    blocks = list(zip(hidden, run.replicated_blocks))
+    stats = CalibStats()
+    if run.family.is_moe_layer(layer):
+        across = expert_parallel.Across(run.expert_mesh, lambda: run.coordinator.barrier(f"experts/layer.{layer}"))
+        outs, merged = expert_parallel.forward_across_processes(run.family, layer, params, blocks, run.dtype, across)
+        if merged is not None:
+            stats.observe(merged)
+        jax.block_until_ready(outs)
+        return outs, stats
+    outs = []
+    for h, replicated in blocks:
+        if run.mesh is not None and not replicated:
+            (out,), s = sharding.forward_sharded(run.family, layer, params, [h], run.dtype, run.mesh)
+        else:
+            out, s = run.family.layer_forward(layer, params, h, dtype=run.dtype)
+            s = jax.device_get(s)
+        if not replicated or run.coordinator.process_id == 0:
+            stats.observe(s)
+        outs.append(out)
+    jax.block_until_ready(outs)
+    return outs, stats
 
 
 def _convert_units(run: _Run, hidden: list) -> CalibStats:
@@ -292,8 +392,13 @@ def _convert_unit(run: _Run, unit: UnitPlan, loaded: _LoadedUnit, hidden: list, 
     layer_input = list(hidden)  # local-hessian's second pass runs over the same input
     if calibrate:
         with run.timer("calibrate"):
-            hidden[:], layer_stats = calibrate_layer(run.family, unit.layer, params, hidden,
-                                                      dtype=run.dtype, mesh=run.mesh)
+            if _across_processes(run):
+                hidden[:], layer_stats = _calibrate_across_processes(run, unit.layer, params, hidden)
+            else:
+                hidden[:], layer_stats = calibrate_layer(
+                    run.family, unit.layer, params, hidden, dtype=run.dtype,
+                    mesh=run.expert_mesh if _expert_parallel(run, unit) else run.mesh)
+            run.monitor.sample()  # the layer and its activations are live here
         if run.coordinator.num_processes > 1:
             # the previous layer is durable before this process waits on the others: a process
             # killed or stopped at the exchange keeps every layer it got past
@@ -316,7 +421,8 @@ def _convert_unit(run: _Run, unit: UnitPlan, loaded: _LoadedUnit, hidden: list, 
 def _check_same_source(run: _Run, unit: UnitPlan, done: bool) -> str:
     """The sampled CRC of the unit's source tensors; for a unit finished by the interrupted run, it
     must be the value that run recorded (the source may not change under a resume)."""
-    crc = fingerprint.source_sample_crc(run.reader, unit.source_names())
+    # across processes: only the tensors this process reads (a resume compares with its own manifest)
+    crc = fingerprint.source_sample_crc(run.reader, [n for n in unit.source_names() if n not in run.foreign])
     if done:
         recorded = run.writer.unit_info().get(unit.name, {}).get("source_sample_crc32")
         if recorded != crc:
@@ -326,12 +432,25 @@ def _check_same_source(run: _Run, unit: UnitPlan, done: bool) -> str:
     return crc
 
 
+def _expert_parallel(run: _Run, unit: UnitPlan) -> bool:
+    """Whether the unit's calibration forward runs expert parallel (--expert-parallel, a MoE layer,
+    several devices); local-hessian's second forward needs the whole layer on one device."""
+    return (run.expert_mesh is not None and run.family is not None and run.opt.weight_scales != "local-hessian"
+            and unit.layer is not None and unit.layer < run.plan.num_layers
+            and expert_parallel.enabled(run.opt.expert_parallel, run.family, unit.layer, run.expert_mesh.size))
+
+
 def _read_layer(run: _Run, unit: UnitPlan) -> dict:
     """The layer's tensors: all of them for the calibration forward (routers keep float32 where the
-    forward needs it), else only the weights this process quantizes."""
+    forward needs it; expert parallel: each routed expert decoded on the device that holds it), else
+    only the weights this process quantizes."""
     names = unit.source_names()
     with run.timer("read"):
-        if run.family is not None:
+        if _expert_parallel(run, unit):
+            run.expert_parallel_layers.append(unit.layer)
+            params = expert_parallel.read_layer(run.family, run.reader, unit.layer, names, run.expert_mesh,
+                                                run.dtype)
+        elif run.family is not None:
             params = run.family.read_layer(run.reader, unit.layer, dtype=run.dtype, names=names)
         else:
             params = run.reader.get_many([n for n in names if n in run.owned and _module(n) in run.plan.quantized],
@@ -345,13 +464,22 @@ def _module(name: str) -> Optional[str]:
     return name[: -len(".weight")] if name.endswith(".weight") else None
 
 
-def _unquantized(reader: CheckpointReader, name: str):
+def _unquantized(reader: CheckpointReader, name: str, decoded=None):
     """A tensor that stays unquantized: plain tensors keep their source bytes and dtype; FP8/INT4
     sources are written back as bf16 (SPEC section 6). Never NaN or Inf (checked here: nothing
-    downstream would notice in a tensor that is not quantized)."""
+    downstream would notice in a tensor that is not quantized). ``decoded``: the copy read for the
+    calibration forward, used instead of a second read when it holds the source bytes (a plain
+    tensor decoded to its own dtype, or a decoded one in bfloat16)."""
     info = reader.info(name)
     if info.encoding == "plain":
-        a = np.asarray(reader.read_raw(info.parts["weight"]))
+        e = reader.entry(info.parts["weight"])
+        if (decoded is not None and np.dtype(decoded.dtype) == np.dtype(DTYPES[e.dtype])
+                and tuple(decoded.shape) == tuple(e.shape)):
+            a = np.asarray(decoded)
+        else:
+            a = np.asarray(reader.read_raw(info.parts["weight"]))
+    elif decoded is not None and decoded.dtype == jnp.bfloat16:  # reader.get(name, bfloat16) already
+        a = np.asarray(decoded)
     else:
         a = np.asarray(reader.get(name, jnp.bfloat16))
     check_finite({name: a})
@@ -382,11 +510,18 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
         groups = [g for g in groups if g[0] in mods]
         hess = _hessians(run, unit.layer, params, layer_input, in_amax)
         # weight amax: lazily from the weight (SPEC section 5), unified over fused groups, on device
-        quantized = quantize_layer({m: params[f"{m}.weight"] for m in mods}, groups, mesh=run.mesh,
-                                   mode=run.opt.weight_scales, hessians=None if hess is None else hess.hessian)
+        weights = {m: params[f"{m}.weight"] for m in mods}
+        if _expert_parallel(run, unit):  # each routed expert on the device that holds it
+            quantized = expert_parallel.quantize_on_owner_devices(weights, groups, run.opt.weight_scales)
+        else:
+            quantized = quantize_layer(weights, groups, mesh=run.mesh, mode=run.opt.weight_scales,
+                                       hessians=None if hess is None else hess.hessian)
+        run.monitor.sample()
         results, zero_amax = quantized.tensors, quantized.zero_weight_amax
         in_scale = input_scales({m: in_amax[m] for m in mods})
     mine = [n for n in unit.source_names() if n in run.owned]
+    # the copies read for the forward of the tensors written unquantized (not the quantized weights)
+    decoded = {n: params[n] for n in mine if _module(n) not in results and n in params}
 
     def write():
         with run.timer("write"):
@@ -394,7 +529,7 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
                 if _module(n) in results:
                     _add_quantized(run.writer, _module(n), results[_module(n)], in_scale[_module(n)])
                 else:
-                    run.writer.add(n, _unquantized(run.reader, n))
+                    run.writer.add(n, _unquantized(run.reader, n, decoded.get(n)))
     info = {"quantized": len(mods), "tensors": len(mine), "zero_weight_amax": zero_amax,
             "weight_squared_error": sum(quantized.squared_error.values()),
             "weight_squared_norm": sum(quantized.squared_norm.values())}
@@ -518,8 +653,12 @@ def _report(run: _Run, stats: CalibStats, units: dict) -> dict:
         "time_s": run.timer.rounded(),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "resumed": bool(run.writer.resumed),
+        "expert_parallel": {"mode": opt.expert_parallel,
+                            "devices": run.expert_mesh.size if run.expert_mesh is not None else 1,
+                            "layers": sorted(set(run.expert_parallel_layers))},
         "source_tensors": len(run.reader.names()),
         "dropped_tensors": {},  # every source tensor is written, quantized or as it was
+        "resources": run.resources,  # per process: bytes read (OS counter), peak RSS, peak device memory
         **run.coordinator.report_fields(),
     }
 

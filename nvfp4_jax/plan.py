@@ -75,9 +75,10 @@ class ConversionPlan:
         """The units as :class:`nvfp4_jax.checkpoint.writer.PlannedWriter` takes them."""
         return [(u.name, [s for _, specs in u.sources for s in specs]) for u in self.units]
 
-    def owners(self, num_processes: int) -> dict[str, int]:
-        """Which process quantizes and writes each source tensor (:func:`assign_owners`)."""
-        return assign_owners(self.units, self.groups, num_processes)
+    def owners(self, num_processes: int, pinned: Optional[Mapping[str, int]] = None) -> dict[str, int]:
+        """Which process quantizes and writes each source tensor (:func:`assign_owners`);
+        ``pinned``: tensors whose process is fixed (routed experts held by a process's devices)."""
+        return assign_owners(self.units, self.groups, num_processes, pinned)
 
 
 def build_plan(reader, options) -> ConversionPlan:
@@ -153,11 +154,14 @@ def _stored(fmt: OutputFormat, name: str, dtype: str, shape: tuple) -> StoredTen
     return StoredTensor(name, dtype, tuple(shape), int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize)
 
 
-def assign_owners(units: Sequence[UnitPlan], groups, num_processes: int) -> dict[str, int]:
+def assign_owners(units: Sequence[UnitPlan], groups, num_processes: int,
+                  pinned: Optional[Mapping[str, int]] = None) -> dict[str, int]:
     """Which process quantizes and writes each source tensor: the members of a fused group go
     together (their shared amax needs every member's weight), and work items are dealt largest
     first to the least loaded process (loads carried over from unit to unit), so every process gets
-    about the same number of bytes in every layer. Deterministic."""
+    about the same number of bytes in every layer. A work item with a ``pinned`` member goes to that
+    process (counted in its load before the others are dealt). Deterministic."""
+    pinned = pinned or {}
     group_of = {f"{m}.weight": tuple(f"{x}.weight" for x in g) for g in groups for m in g}
     loads = [0] * num_processes
     owner: dict[str, int] = {}
@@ -170,6 +174,12 @@ def assign_owners(units: Sequence[UnitPlan], groups, num_processes: int) -> dict
             members = tuple(m for m in group_of.get(n, (n,)) if m in cost)
             seen.update(members)
             work.append((sum(cost[m] for m in members), members))
+        fixed = [(c, members, pinned[m]) for c, members in work for m in members[:1] if m in pinned]
+        for c, members, p in fixed:
+            loads[p] += c
+            for m in members:
+                owner[m] = p
+        work = [(c, members) for c, members in work if members[0] not in pinned]
         for c, members in sorted(work, key=lambda w: (-w[0], w[1])):
             p = min(range(num_processes), key=lambda i: (loads[i], i))
             loads[p] += c

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nvfp4_jax import numerics
+from nvfp4_jax.models.exact_jit import exact_jit
 from nvfp4_jax.models.ops import ModelConfigError
 from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
 
@@ -226,8 +227,8 @@ def _forward_fn(family, canon: int, mesh: Mesh, dtype, params_sig):
             h, s = family.layer_forward(canon, p, h, dtype=dtype)
             return h, jax.tree.map(lambda v: v[None], s)  # one row of statistics per device
 
-        fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), _SAMPLES_SPEC), out_specs=_SAMPLES_SPEC,
-                                   check_vma=False))
+        fn = exact_jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), _SAMPLES_SPEC), out_specs=_SAMPLES_SPEC,
+                                     check_vma=False))
         _FORWARD_CACHE[key] = fn
     return fn
 

@@ -136,3 +136,27 @@ def load_params(path, family, dtype) -> dict:
         for name, arr in load_file(str(f)).items():
             params[name] = jnp.asarray(arr.astype(np.float32)).astype(family.param_dtype(name, dtype))
     return params
+
+
+def tensor_digest(path) -> str:
+    """sha256 over every tensor of the safetensors files at `path` (name, dtype, shape, raw bytes,
+    names sorted), read from the file format itself: equal digests mean equal checkpoints whatever
+    the header's layout. Goldens made from a seeded fixture store it to detect a changed fixture."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256()
+    entries = []
+    for f in sorted(Path(path).glob("*.safetensors")):
+        data = f.read_bytes()
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + header_len])
+        base = 8 + header_len
+        for name, meta in header.items():
+            if name != "__metadata__":
+                start, stop = meta["data_offsets"]
+                entries.append((name, meta["dtype"], meta["shape"], data[base + start:base + stop]))
+    for name, dtype, shape, raw in sorted(entries, key=lambda e: e[0]):
+        h.update(f"{name}|{dtype}|{shape}|".encode())
+        h.update(raw)
+    return h.hexdigest()

@@ -3,9 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import ml_dtypes
@@ -17,10 +14,10 @@ from nvfp4_jax import __version__, examples
 from nvfp4_jax.checkpoint.safetensors_io import FileCache, read_header
 from nvfp4_jax.pipeline import ConversionError, ConvertOptions, convert
 from nvfp4_jax.verify import verify
+from tests.cli_process import start_cli, wait_for_first_layer
 from tests.paths import TINY_LLAMA
 from torch_bridge import reference
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def load_dir(d) -> dict[str, np.ndarray]:
@@ -244,12 +241,6 @@ def test_existing_output_refused_without_overwrite(tmp_path):
         convert(TINY_LLAMA / "source", out, ConvertOptions(input_scale_constant=1.0, progress=False))
 
 
-def _cli(*args, **kw):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "nvfp4_jax.cli", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
 def test_sigkill_then_resume_is_byte_identical(tmp_path):
     """Kill a conversion after its first finished layer, resume it, compare with a clean run."""
     src = examples.build_kimi_k2_tiny(tmp_path / "src", seed=5)
@@ -258,23 +249,18 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     args = ["convert", src, None, "--calib-tokens", tok, "--shard-size", "300000", "--quiet"]
 
     clean = tmp_path / "clean"
-    p = _cli(*[clean if a is None else a for a in args])
+    p = start_cli(*[clean if a is None else a for a in args], merge_stderr=True)
     assert p.wait(timeout=300) == 0, p.stdout.read()
 
     out = tmp_path / "out"
-    p = _cli(*[out if a is None else a for a in args])
-    manifest = Path(str(out) + ".partial") / "manifest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if manifest.exists() and '"layer.0"' in manifest.read_text():
-            break
-        time.sleep(0.05)
+    p = start_cli(*[out if a is None else a for a in args], merge_stderr=True)
+    wait_for_first_layer(out, p)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not out.exists(), "a killed run must never leave OUT"
     assert Path(str(out) + ".partial").exists()
 
-    p = _cli(*[out if a is None else a for a in args], "--resume")
+    p = start_cli(*[out if a is None else a for a in args], "--resume", merge_stderr=True)
     assert p.wait(timeout=300) == 0, p.stdout.read()
     files = sorted(f.name for f in clean.iterdir() if f.name != "nvfp4_report.json")
     assert files == sorted(f.name for f in out.iterdir() if f.name != "nvfp4_report.json")

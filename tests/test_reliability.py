@@ -5,10 +5,7 @@ byte-identical."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +18,7 @@ from nvfp4_jax.checkpoint.safetensors_io import FileCache, read_header, save_fil
 from nvfp4_jax.cli import main as cli_main
 from nvfp4_jax.errors import NVFP4Error
 from nvfp4_jax.pipeline import ConvertOptions, convert
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli_process import start_cli, wait_for_first_layer
 
 
 def _tree_bytes(path: Path) -> dict[str, bytes]:
@@ -232,21 +228,6 @@ def test_conflicting_calibration_options_are_an_error(llama, tmp_path, capsys):
 
 # 6. signals: SIGTERM (and SIGINT) leave a resumable partial and print one clean line
 
-def _cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "nvfp4_jax.cli", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_first_layer(out: Path, p, timeout=300):
-    manifest = Path(f"{out}.partial") / "manifest.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline and p.poll() is None:
-        if manifest.exists() and '"layer.0"' in manifest.read_text():
-            return
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_leaves_a_resumable_partial_and_one_line(tmp_path, sig):
     src = examples.build_kimi_k2_tiny(tmp_path / "src", seed=4)
@@ -254,11 +235,11 @@ def test_signal_leaves_a_resumable_partial_and_one_line(tmp_path, sig):
     tok.write_text(json.dumps({"input_ids": _tokens(src, 4, 16)}))
     args = ["convert", src, None, "--calib-tokens", tok, "--shard-size", "300000", "--quiet"]
     clean = tmp_path / "clean"
-    p = _cli(*[clean if a is None else a for a in args])
+    p = start_cli(*[clean if a is None else a for a in args])
     assert p.wait(timeout=600) == 0, p.stderr.read()
     out = tmp_path / "out"
-    p = _cli(*[out if a is None else a for a in args])
-    _wait_for_first_layer(out, p)
+    p = start_cli(*[out if a is None else a for a in args])
+    wait_for_first_layer(out, p)
     if p.poll() is not None:
         pytest.skip("the run finished before the signal could be sent")
     p.send_signal(sig)
@@ -268,7 +249,7 @@ def test_signal_leaves_a_resumable_partial_and_one_line(tmp_path, sig):
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and lines[-1].startswith(f"interrupted by {signal.Signals(sig).name}")
     assert not out.exists() and Path(f"{out}.partial").exists()
-    p = _cli(*[out if a is None else a for a in args], "--resume")
+    p = start_cli(*[out if a is None else a for a in args], "--resume")
     assert p.wait(timeout=600) == 0, p.stderr.read()
     a, b = _tree_bytes(clean), _tree_bytes(out)
     a.pop("nvfp4_report.json"), b.pop("nvfp4_report.json")
@@ -287,16 +268,16 @@ def test_sigkill_at_a_random_point_then_resume_is_byte_identical(tmp_path, seed)
     args = ["convert", src, None, "--calib-tokens", tok, "--shard-size", "60000", "--quiet"]
     clean = tmp_path / "clean"
     t0 = time.monotonic()
-    p = _cli(*[clean if a is None else a for a in args])
+    p = start_cli(*[clean if a is None else a for a in args])
     assert p.wait(timeout=600) == 0, p.stderr.read()
     duration = time.monotonic() - t0
     out = tmp_path / "out"
-    p = _cli(*[out if a is None else a for a in args])
+    p = start_cli(*[out if a is None else a for a in args])
     time.sleep(random.Random(seed).uniform(0.2, 1.0) * duration)
     p.kill()
     p.wait()
     if not out.exists():
-        p = _cli(*[out if a is None else a for a in args], "--resume")
+        p = start_cli(*[out if a is None else a for a in args], "--resume")
         assert p.wait(timeout=600) == 0, p.stderr.read()
     a, b = _tree_bytes(clean), _tree_bytes(out)
     a.pop("nvfp4_report.json"), b.pop("nvfp4_report.json")

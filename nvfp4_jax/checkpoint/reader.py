@@ -298,6 +298,11 @@ class CheckpointReader:
         """Where a stored (not logical) tensor lives."""
         return self._stored[stored_name]
 
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes this reader has read so far (headers aside)."""
+        return self._files.bytes_read
+
     def read_raw(self, stored_name: str) -> np.ndarray:
         """A stored tensor exactly as in the file (numpy, memory-mapped, no decoding)."""
         return self._files.read(self._stored[stored_name])

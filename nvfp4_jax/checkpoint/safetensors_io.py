@@ -328,6 +328,7 @@ class FileCache:
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
+        self.bytes_read = 0  # what read() returned, for the run report beside the OS counter
 
     def read(self, entry: TensorEntry) -> np.ndarray:
         """The tensor as a numpy array of its own (one copy from the file)."""
@@ -348,6 +349,7 @@ class FileCache:
                 raise CheckpointError(f"{entry.file}: unexpected end of file reading {entry.nbytes} bytes "
                                       f"at offset {entry.start}")
             done += n
+        self.bytes_read += done
         return array_from_bytes(buf, entry)
 
     def close(self):

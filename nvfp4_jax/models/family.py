@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from nvfp4_jax.families import find_family_spec
 
+from .exact_jit import exact_jit
 from .hessian import expert_block_second_moment_sum
 from .moe import ExpertNames, combine_experts, run_experts, sort_by_expert
 from .ops import LayerParams, ModelConfigError, Params, linear, rms_norm
@@ -36,7 +37,7 @@ def _run_dense(layer_fn, spec, params, input_amax, hidden, static: _Static):
     return hidden, p.observed, (p.hessian, p.rows)
 
 
-_run_dense_jit = jax.jit(_run_dense, static_argnames=("layer_fn", "spec", "static"))
+_run_dense_jit = exact_jit(_run_dense, static_argnames=("layer_fn", "spec", "static"))
 
 
 def _moe_pre(pre_fn, spec, params, input_amax, hidden, static: _Static):
@@ -49,7 +50,7 @@ def _moe_pre(pre_fn, spec, params, input_amax, hidden, static: _Static):
     return (h_resid, topk_ids, topk_w, shared_out), p.observed, dispatch, (p.hessian, p.rows, gate_up_hessian)
 
 
-_moe_pre_jit = jax.jit(_moe_pre, static_argnames=("pre_fn", "spec", "static"))
+_moe_pre_jit = exact_jit(_moe_pre, static_argnames=("pre_fn", "spec", "static"))
 
 
 def _moe_post(h_resid, y_sorted, order, topk_ids, topk_w, shared_out):
@@ -60,7 +61,7 @@ def _moe_post(h_resid, y_sorted, order, topk_ids, topk_w, shared_out):
     return (h_resid + moe.reshape(h_resid.shape)).astype(dtype)
 
 
-_moe_post_jit = jax.jit(_moe_post)
+_moe_post_jit = exact_jit(_moe_post)
 
 
 def _hessian_fields(prefix: str, hessian, rows, collected: bool) -> tuple:
@@ -74,14 +75,14 @@ def _embed(w, input_ids, dtype):
     return jnp.take(w, input_ids, axis=0).astype(dtype)
 
 
-_embed_jit = jax.jit(_embed, static_argnames=("dtype",))
+_embed_jit = exact_jit(_embed, static_argnames=("dtype",))
 
 
 def _head(norm_w, lm_w, hidden, eps):
     return linear(rms_norm(hidden, norm_w, eps), lm_w)
 
 
-_head_jit = jax.jit(_head, static_argnames=("eps",))
+_head_jit = exact_jit(_head, static_argnames=("eps",))
 
 
 def _local(names: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -223,18 +224,41 @@ class Family:
         names = ExpertNames(prefix + "mlp.experts", self.spec.num_experts)
         weights = names.weights(params)
         in_amax = names.input_amax(input_amax or {})
+
+        def routed_experts(dispatch):
+            return run_experts(dispatch, weights, in_amax, act_name=self.spec.act, chunk_size=self.expert_chunk_size,
+                               collect_hessian=collect_hessian)
+
+        return self._moe_forward(layer, local, local_amax, hidden, routed_experts, _Static(window, collect_hessian))
+
+    def moe_forward(self, layer: int, params: Params, hidden: jax.Array, routed_experts: Callable, *,
+                    dtype=jnp.bfloat16) -> tuple[jax.Array, LayerStats]:
+        """MoE layer `layer` with its routed experts computed by `routed_experts(dispatch) ->
+        (y_sorted [T*k, H], down_input_amax f32 [E])` instead of from per-expert tensors in `params`
+        (the expert-parallel forward, nvfp4_jax.expert_parallel, runs them on the devices that
+        hold them). `params` needs only the layer's other tensors; no evaluation hook, no hessians."""
+        if not self.is_moe_layer(layer):
+            raise ModelConfigError(f"layer {layer} is not a MoE layer")
+        prefix = self.layer_prefix(layer)
+        local = {n: v for n, v in _local(params, prefix).items() if not n.startswith(_EXPERTS)}
+        if not local:
+            raise ModelConfigError(f"no tensors named {prefix}* in the parameters passed for layer {layer}")
+        hidden = jnp.asarray(hidden).astype(jnp.dtype(dtype))
+        return self._moe_forward(layer, local, {}, hidden, routed_experts, _Static(self.sliding_window(layer), False))
+
+    def _moe_forward(self, layer: int, local: Params, local_amax: Params, hidden, routed_experts, static: _Static):
+        prefix = self.layer_prefix(layer)
         rest = {n: v for n, v in local.items() if not n.startswith(_EXPERTS)}
         rest_amax = {n: v for n, v in local_amax.items() if not n.startswith(_EXPERTS)}
         (h_resid, topk_ids, topk_w, shared_out), observed, dispatch, (hess, rows, gate_up_hess) = _moe_pre_jit(
-            type(self)._moe_pre, self.spec, rest, rest_amax, hidden, _Static(window, collect_hessian))
-        y_sorted, down_amax, *down_hess = run_experts(dispatch, weights, in_amax, act_name=self.spec.act,
-                                                      chunk_size=self.expert_chunk_size, collect_hessian=collect_hessian)
+            type(self)._moe_pre, self.spec, rest, rest_amax, hidden, static)
+        y_sorted, down_amax, *down_hess = routed_experts(dispatch)
         out = _moe_post_jit(h_resid, y_sorted, dispatch.order, topk_ids, topk_w, shared_out)
         experts = RoutedExpertStats(
-            names.prefix, dispatch.gate_up_input_amax, down_amax, dispatch.group_sizes,
+            prefix + "mlp.experts", dispatch.gate_up_input_amax, down_amax, dispatch.group_sizes,
             jnp.sort(topk_ids, axis=-1).astype(jnp.int32), gate_up_hess, down_hess[0] if down_hess else None)
         return out, LayerStats({prefix + k: v for k, v in observed.items()}, experts,
-                               *_hessian_fields(prefix, hess, rows, collect_hessian))
+                               *_hessian_fields(prefix, hess, rows, static.collect_hessian))
 
     def forward(self, params: Params, input_ids, *, dtype=jnp.bfloat16):
         """Whole model: logits [B, S, V] and the LayerStats of every layer (tests, evaluation)."""

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .exact_jit import exact_jit
 from .hessian import expert_block_second_moment_sum
 from .ops import ModelConfigError, Params, activation, input_fake_quant_rows
 
@@ -160,7 +161,7 @@ def experts_chunk(dispatch: Dispatch, start, weights: ExpertWeights, in_amax: Ex
     return (y, down_amax) if down_hessian is None else (y, down_amax, down_hessian)
 
 
-experts_chunk_jit = jax.jit(experts_chunk, static_argnames=("act_name", "collect_hessian"))
+experts_chunk_jit = exact_jit(experts_chunk, static_argnames=("act_name", "collect_hessian"))
 
 
 def _stack_experts_padded(weights: ExpertWeights, dtype):
@@ -214,7 +215,7 @@ def experts_chunk_padded(dispatch: Dispatch, start, weights: ExpertWeights, in_a
     return (y_sorted, down_amax) if down_hessian is None else (y_sorted, down_amax, down_hessian)
 
 
-experts_chunk_padded_jit = jax.jit(experts_chunk_padded, static_argnames=("act_name", "capacity", "collect_hessian"))
+experts_chunk_padded_jit = exact_jit(experts_chunk_padded, static_argnames=("act_name", "capacity", "collect_hessian"))
 
 MOE_MATMUL_ENV = "NVFP4_MOE_MATMUL"  # auto (default) | padded | ragged: forces one path (benchmarks)
 # padded slabs may hold up to this many times the sorted rows: measured on an H200 (2026-12-02, a
