@@ -11,6 +11,7 @@ cost of a MoE layer and a projection for the full Kimi-K2-Thinking (see :func:`b
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -135,7 +136,8 @@ def bench_quantize(repeats: int = 3, torch_ref: bool = True, shapes=None) -> lis
 KIMI_K2_THINKING = (61, 384, 163840)
 
 
-def bench_convert(layers=(1, 2), experts: int = 384, calib=(8, 64), workdir=None, keep: bool = False) -> list[dict]:
+def bench_convert(layers=(1, 2), experts: int = 384, calib=(8, 64), workdir=None, keep: bool = False,
+                  compile_cache: str = "off") -> list[dict]:
     """Convert kimi-k2-shaped checkpoints of each L in ``layers`` (layer 0 dense, L - 1 MoE layers
     of ``experts`` experts) with ``calib`` = (samples, tokens per sample) of calibration, each in a
     fresh process (so peak RSS is per run), and measure in the same command the ``cp`` of the same
@@ -152,6 +154,7 @@ def bench_convert(layers=(1, 2), experts: int = 384, calib=(8, 64), workdir=None
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}  workdir {work}  experts {experts}  calibration {calib[0]}x{calib[1]} tokens",
           flush=True)
+    os.environ[_CACHE_ENV] = str(compile_cache)  # read by each conversion's child process
     runs = []
     for nl in sorted(set(layers)):
         runs.append(_bench_run(work, nl, experts, calib, keep))
@@ -247,7 +250,8 @@ def _bench_run(work: Path, nl: int, experts: int, calib, keep: bool) -> dict:
             "build_s": build_s, "build_GBps": gb / build_s if build_s else None,
             "cp_s": cp_s, "cp_GBps": gb / cp_s, "cat_s": cat_s, "cat_GBps": gb / cat_s,
             "wall_s": wall, "source_GBps": gb / wall, "wall_over_cp": wall / cp_s,
-            "phases_s": phases, "phase_sum_s": phase_sum, "overlap": overlap, "peak_rss_MB": report["peak_rss_mb"]}
+            "phases_s": phases, "phase_sum_s": phase_sum, "overlap": overlap, "peak_rss_MB": report["peak_rss_mb"],
+            "compile_cache": report.get("compile_cache")}
 
 
 def _convert_in_child(src: Path, out: Path, calib) -> tuple[float, dict]:
@@ -263,10 +267,17 @@ def _convert_in_child(src: Path, out: Path, calib) -> tuple[float, dict]:
     return wall, json.loads(p.stdout.split("REPORT", 1)[1])
 
 
+_CACHE_ENV = "NVFP4_BENCH_COMPILE_CACHE"
+
+
 def _convert_child(argv: list[str]) -> None:
-    """The conversion of one bench run: ``argv`` = src, out, samples, tokens per sample."""
+    """The conversion of one bench run: ``argv`` = src, out, samples, tokens per sample; the
+    compile cache from the bench's --compile-cache (off: every run compiles from scratch)."""
+    from nvfp4_jax import compile_cache
     from nvfp4_jax.examples import calibration_samples
     from nvfp4_jax.pipeline import ConvertOptions, convert
+
+    compile_cache.enable(os.environ.get(_CACHE_ENV, "off"))
 
     src, out, samples, seq_len = argv
     tokens = calibration_samples(src, int(samples), int(seq_len))

@@ -40,6 +40,9 @@ def _print_report(report: dict) -> None:
     for layer, cov in report.get("moe_coverage", {}).items():
         rows.append((f"{layer} experts w/o tokens",
                      f"{cov['experts_without_tokens']} of {cov['num_experts']}  histogram {cov['histogram']}"))
+    if report.get("compile_cache"):
+        cc = report["compile_cache"]
+        rows.append(("compile cache", f"{cc['hits']} hits, {cc['misses']} misses in {cc['dir']}"))
     rows += [("time (s)", ", ".join(f"{k} {v}" for k, v in report["time_s"].items())),
              ("peak RSS", f"{report['peak_rss_mb']:.0f} MB"),
              ("output", report["output"])]
@@ -50,14 +53,17 @@ def _print_report(report: dict) -> None:
 
 
 def cmd_convert(args) -> int:
+    from nvfp4_jax import compile_cache
     from nvfp4_jax.pipeline import ConvertOptions, convert
 
+    compile_cache.enable(args.compile_cache or compile_cache.default_dir())  # before the first compilation
     src = Path(args.src)
     opts = ConvertOptions(
         calib_tokens=_load_calibration(args, src), num_samples=args.num_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, preset=args.preset, moe_policy=args.moe_policy,
         input_scale_constant=args.input_scale_constant, fmt=args.format, shard_size=args.shard_size,
         resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, weight_scales=args.weight_scales,
+        overlap=not args.no_overlap,
         expert_parallel=args.expert_parallel,
         inputs=tuple(Path(p) for p in (args.calib, args.calib_tokens) if p))
     if args.coordinator or args.num_processes > 1:
@@ -112,7 +118,7 @@ def cmd_bench(args) -> int:
         bench.bench_quantize(repeats=args.repeats, torch_ref=not args.no_torch, shapes=args.shape)
     else:
         bench.bench_convert(layers=args.layers, experts=args.experts, calib=(args.calib_samples, args.calib_seq_len),
-                            workdir=args.workdir, keep=args.keep)
+                            workdir=args.workdir, keep=args.keep, compile_cache=args.compile_cache)
     return 0
 
 
@@ -184,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT.partial")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     c.add_argument("--quiet", action="store_true", help="no progress display")
+    c.add_argument("--no-overlap", action="store_true",
+                   help="run read, calibrate/quantize and write one after the other instead of reading the next "
+                        "layer and writing the previous one meanwhile (at most 3 layers on the host)")
+    c.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="JAX persistent compilation cache, reused by later runs; 'off' for none (default: "
+                        "$NVFP4_JAX_COMPILE_CACHE, else $XDG_CACHE_HOME/nvfp4-jax/jax-compile, XDG_CACHE_HOME "
+                        "defaulting to ~/.cache)")
     c.add_argument("--coordinator", help="HOST:PORT of process 0 of a multi-process run, "
                                          "jax.distributed (default: none, one process)")
     c.add_argument("--num-processes", type=int, default=1, help="processes in the run")
@@ -225,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib-seq-len", type=int, default=64, help="convert: tokens per calibration sample")
     b.add_argument("--workdir", default=None,
                    help="convert: where sources and outputs go (default: a new temp dir)")
+    b.add_argument("--compile-cache", metavar="DIR", default="off",
+                   help="convert: JAX persistent compilation cache of the timed conversions; a second bench with "
+                        "the same DIR measures warm runs")
     b.add_argument("--keep", action="store_true",
                    help="convert: keep sources and outputs in the workdir (a kept source is reused)")
     b.set_defaults(func=cmd_bench)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import __version__, calib_data, expert_parallel, fingerprint, guards, numerics, resources, sharding, weight_scales
+from nvfp4_jax import (__version__, calib_data, compile_cache, expert_parallel, fingerprint, guards, numerics,
+                       resources, sharding, weight_scales)
+from nvfp4_jax.overlap import LAYERS_IN_FLIGHT, WriteBehind, read_ahead
 from nvfp4_jax.finite import check_finite
 from nvfp4_jax.layer_quant import input_scales, quantize_layer
 from nvfp4_jax.progress import Progress
@@ -62,6 +65,7 @@ class ConvertOptions:
     progress: bool = True
     inputs: tuple = ()  # other files the run reads (the calibration file): OUT may not overlap them
     weight_scales: str = "max"  # block-scale rule: max | mse | four-over-six | local-hessian (SPEC section 10)
+    overlap: bool = True  # read layer L+1 and write layer L-1 while layer L computes (nvfp4_jax.overlap)
     # auto: MoE layers' routed experts split over the devices for the calibration forward (same bytes)
     expert_parallel: str = expert_parallel.DEFAULT_MODE
 
@@ -76,6 +80,7 @@ class _Timer:
     def __init__(self):
         self.start = time.perf_counter()
         self.seconds = dict.fromkeys(_PHASES, 0.0)
+        self._lock = threading.Lock()  # read-ahead and write-behind threads time their phases too
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
@@ -83,7 +88,8 @@ class _Timer:
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - t
+            with self._lock:
+                self.seconds[phase] += time.perf_counter() - t
 
     def rounded(self, with_total: bool = False) -> dict:
         out = {k: round(v, 3) for k, v in self.seconds.items()}
@@ -285,6 +291,28 @@ def _embed(run: _Run) -> list:
     return hidden
 
 
+@dataclasses.dataclass
+class _LoadedUnit:
+    """What the read-ahead thread prepared for a unit: whether an interrupted run finished it, its
+    sampled source CRC, and its tensors (None where the unit needs none: non-layer units, finished
+    uncalibrated layers)."""
+
+    done: bool
+    source_crc: str
+    params: Optional[dict]
+
+
+def _load_unit(run: _Run, unit: UnitPlan) -> _LoadedUnit:
+    done = run.writer.is_done(unit.name)  # only an interrupted run's units are done before their turn
+    source_crc = _check_same_source(run, unit, done)
+    needed = unit.layer is not None and (not done or _calibrates(run, unit))
+    return _LoadedUnit(done, source_crc, _read_layer(run, unit) if needed else None)
+
+
+def _calibrates(run: _Run, unit: UnitPlan) -> bool:
+    return run.family is not None and unit.layer < run.plan.num_layers  # MTP layers: not calibrated
+
+
 def _embed_across_processes(run: _Run, embed_params) -> list:
     """The calibration rows of this process when the expert mesh spans processes: every batch is
     regrouped into global batches of batch_size rows per device of the run; this process keeps its
@@ -334,31 +362,34 @@ def _calibrate_across_processes(run: _Run, layer: int, params: dict, hidden: lis
 
 
 def _convert_units(run: _Run, hidden: list) -> CalibStats:
-    """Calibrate, quantize and write every layer, then the non-layer tensors; the run's statistics."""
+    """Calibrate, quantize and write every layer, then the non-layer tensors; the run's statistics.
+    With ``overlap``, the next unit is read and the previous one written meanwhile (at most
+    LAYERS_IN_FLIGHT layers on the host), in the serial order (nvfp4_jax.overlap)."""
     stats = CalibStats()
-    with Progress(len(run.plan.units), run.opt.progress) as progress:
-        for unit in run.plan.units:
-            stats = _convert_unit(run, unit, hidden, stats)
-            progress.step(f"{unit.name} (done)" if run.writer.is_done(unit.name) and unit.name in run.resumed_units
-                          else unit.name)
+    with Progress(len(run.plan.units), run.opt.progress) as progress, WriteBehind(enabled=run.opt.overlap) as writes:
+        for unit, loaded in read_ahead(run.plan.units, lambda u: _load_unit(run, u), enabled=run.opt.overlap):
+            stats = _convert_unit(run, unit, loaded, hidden, stats, writes)
+            loaded = None  # noqa: F841 - the layer's tensors are freed before the next one is taken
+            progress.step(f"{unit.name} (done)" if unit.name in run.resumed_units else unit.name)
     return stats
 
 
-def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) -> CalibStats:
-    """One unit: a layer (read, calibrate, quantize, write) or the non-layer tensors. ``hidden`` is
-    advanced in place for the next layer; the run's statistics with this layer's merged in."""
-    done = run.writer.is_done(unit.name)
-    source_crc = _check_same_source(run, unit, done)
+def _convert_unit(run: _Run, unit: UnitPlan, loaded: _LoadedUnit, hidden: list, stats: CalibStats,
+                  writes: WriteBehind) -> CalibStats:
+    """One unit: a layer (calibrate, quantize, then its writes handed to ``writes``) or the non-layer
+    tensors. ``hidden`` is advanced in place for the next layer; the run's statistics with this
+    layer's merged in."""
+    done, source_crc, params = loaded.done, loaded.source_crc, loaded.params
+    loaded.params = None
     if done:
         run.resumed_units.add(unit.name)
     if unit.layer is None:  # embeddings, final norm, lm_head: never quantized
         if not done:
-            _write_unquantized(run, unit, source_crc)
+            writes.submit(lambda: _write_unquantized(run, unit, source_crc))
         return stats
-    calibrate = run.family is not None and unit.layer < run.plan.num_layers  # MTP layers: not calibrated
+    calibrate = _calibrates(run, unit)
     if done and not calibrate:
         return stats
-    params = _read_layer(run, unit)
     layer_stats = CalibStats()
     layer_input = list(hidden)  # local-hessian's second pass runs over the same input
     if calibrate:
@@ -370,11 +401,22 @@ def _convert_unit(run: _Run, unit: UnitPlan, hidden: list, stats: CalibStats) ->
                     run.family, unit.layer, params, hidden, dtype=run.dtype,
                     mesh=run.expert_mesh if _expert_parallel(run, unit) else run.mesh)
             run.monitor.sample()  # the layer and its activations are live here
+        if run.coordinator.num_processes > 1:
+            # the previous layer is durable before this process waits on the others: a process
+            # killed or stopped at the exchange keeps every layer it got past
+            writes.wait()
+        with run.timer("calibrate"):
             layer_stats = run.coordinator.allreduce_stats(unit.name, layer_stats)
         stats = stats.merge(layer_stats)
     if not done:  # a resumed unit only advanced the calibration activations
-        info = _quantize_and_write(run, unit, params, layer_stats, layer_input if calibrate else [])
-        run.writer.finish_unit(unit.name, {**info, "source_sample_crc32": source_crc})
+        info, write = _quantize_and_write(run, unit, params, layer_stats, layer_input if calibrate else [])
+        del params
+
+        def write_unit():
+            write()
+            run.writer.finish_unit(unit.name, {**info, "source_sample_crc32": source_crc})
+
+        writes.submit(write_unit)
     return stats
 
 
@@ -416,6 +458,7 @@ def _read_layer(run: _Run, unit: UnitPlan) -> dict:
             params = run.reader.get_many([n for n in names if n in run.owned and _module(n) in run.plan.quantized],
                                          run.dtype)
         check_finite(params, f"layer {unit.layer}")
+        jax.block_until_ready(params)  # the decode runs here (the read-ahead thread), not in the forward
     return params
 
 
@@ -454,10 +497,12 @@ def _write_unquantized(run: _Run, unit: UnitPlan, source_crc: str) -> None:
 
 
 def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: CalibStats,
-                        layer_input: list) -> dict:
-    """Quantize this process's linears of the layer and hand its tensors to the writer, in add
-    order; the unit's info for the manifest and report. ``layer_input``: the calibration batches
-    that entered the layer (local-hessian's statistics pass; empty for an uncalibrated layer)."""
+                        layer_input: list) -> tuple[dict, Callable[[], None]]:
+    """Quantize this process's linears of the layer: the unit's info for the manifest and report,
+    and the job that hands its tensors to the writer in add order (run now or by the write-behind
+    thread; it holds the quantized numpy results, not the layer's weights). ``layer_input``: the
+    calibration batches that entered the layer (local-hessian's statistics pass; empty for an
+    uncalibrated layer)."""
     mods = sorted({_module(n) for n in unit.source_names()} & run.plan.quantized)
     groups = [g for g in run.plan.groups if g[0] in mods]
     with run.timer("quantize"):
@@ -476,13 +521,17 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
         run.monitor.sample()
         results, zero_amax = quantized.tensors, quantized.zero_weight_amax
         in_scale = input_scales({m: in_amax[m] for m in mods})
-    with run.timer("write"):
-        mine = [n for n in unit.source_names() if n in run.owned]
-        for n in mine:
-            if _module(n) in results:
-                _add_quantized(run.writer, _module(n), results[_module(n)], in_scale[_module(n)])
-            else:
-                run.writer.add(n, _unquantized(run.reader, n, params.get(n)))
+    mine = [n for n in unit.source_names() if n in run.owned]
+    # the copies read for the forward of the tensors written unquantized (not the quantized weights)
+    decoded = {n: params[n] for n in mine if _module(n) not in results and n in params}
+
+    def write():
+        with run.timer("write"):
+            for n in mine:
+                if _module(n) in results:
+                    _add_quantized(run.writer, _module(n), results[_module(n)], in_scale[_module(n)])
+                else:
+                    run.writer.add(n, _unquantized(run.reader, n, decoded.get(n)))
     info = {"quantized": len(mods), "tensors": len(mine), "zero_weight_amax": zero_amax,
             "weight_squared_error": sum(quantized.squared_error.values()),
             "weight_squared_norm": sum(quantized.squared_norm.values())}
@@ -491,7 +540,7 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
     if layer_stats.experts:
         (e,) = layer_stats.experts.values()
         info["experts_without_tokens"] = int((e.tokens_per_expert == 0).sum())
-    return info
+    return info, write
 
 
 def _hessians(run: _Run, layer: int, params: dict, layer_input: list, in_amax: dict):
@@ -547,9 +596,19 @@ def _write_outputs(run: _Run, stats: CalibStats, units: dict, manifests: Optiona
     with run.timer("write"):
         run.writer.finalize(config_out, hf_quant, run.reader.extra_files(), report, manifests=manifests, units=units)
     report["time_s"] = run.timer.rounded(with_total=True)
+    report["overlap"] = _overlap_report(run.opt.overlap, report["time_s"])
+    report["compile_cache"] = compile_cache.report()
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     (Path(run.out) / "nvfp4_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _overlap_report(enabled: bool, time_s: dict) -> dict:
+    """Whether phases overlapped, the host-memory bound in layers, and the seconds by which the
+    phases' sum exceeds the run's total (the time overlap saved, give or take unphased work)."""
+    phase_sum = sum(time_s[p] for p in _PHASES)
+    return {"enabled": bool(enabled), "layers_in_flight": LAYERS_IN_FLIGHT if enabled else 1,
+            "phase_sum_minus_total_s": round(phase_sum - time_s["total"], 3)}
 
 
 def _weight_scales_report(mode: str, units: dict) -> dict:

@@ -308,3 +308,50 @@ def test_unsupported_configs_are_refused(bad):
               "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, **bad}
     with pytest.raises(ModelConfigError):
         get_family(config)
+
+
+def test_padded_expert_matmul_gives_the_same_layer(checkpoints, monkeypatch):
+    """The padded batched matmul per expert chunk (moe.experts_chunk_padded) against ragged_dot:
+    routing, token counts and gate/up input amax are exact (computed before the experts); the down
+    input amax and the output agree within the float32 rounding bound of the expert dot products
+    (_chunking_bounds), since only the order XLA sums them in may change."""
+    from nvfp4_jax.models import moe
+
+    path = checkpoints("deepseek_v3")
+    family = get_family(mf.read_config(path))
+    params = mf.load_params(path, family, jnp.float32)
+    hidden = family.embed(params, _input_ids(), dtype=jnp.float32)
+    family.expert_chunk_size = 3
+    outputs = {}
+    for path_name in ("ragged", "padded"):
+        monkeypatch.setenv(moe.MOE_MATMUL_ENV, path_name)
+        outputs[path_name] = family.layer_forward(1, params, hidden, dtype=jnp.float32)
+    (ragged, s1), (padded, s2) = outputs["ragged"], outputs["padded"]
+    for key in ("gate_up_input_amax", "tokens_per_expert"):
+        np.testing.assert_array_equal(np.asarray(getattr(s2.experts, key)), np.asarray(getattr(s1.experts, key)))
+    assert s2.input_amax == s1.input_amax
+    dh, dy = _chunking_bounds(family, params, 1, s1)
+    diff = np.abs(np.asarray(s2.experts.down_input_amax, np.float64) - np.asarray(s1.experts.down_input_amax))
+    assert np.all(diff <= dh), (diff, dh)
+    out_diff = float(np.max(np.abs(np.asarray(padded, np.float64) - np.asarray(ragged, np.float64))))
+    scale = float(np.max(np.abs(np.asarray(ragged))))
+    assert out_diff <= dy + 16 * 2.0 ** -24 * scale, (out_diff, dy)
+
+
+def test_padded_matmul_rule(monkeypatch):
+    """Padded when C x capacity is at most PADDED_ROWS_FACTOR (4) times the sorted rows ragged_dot
+    is given; capacities come from a short ladder (16, 24, 32, 48, ...) never below the largest
+    expert's rows."""
+    from nvfp4_jax.models import moe
+
+    monkeypatch.delenv(moe.MOE_MATMUL_ENV, raising=False)
+    ladder = [moe.padded_capacity(r) for r in (0, 1, 16, 17, 24, 25, 33, 49, 65, 1000)]
+    assert ladder == [16, 16, 16, 24, 24, 32, 48, 64, 96, 1024]
+    assert moe.PADDED_ROWS_FACTOR == 4
+    sizes = np.array([10, 30, 0, 5, 200, 1], np.int64)  # 246 sorted rows
+    # chunks of 2: max 30 -> 32 (64 rows), max 5 -> 16 (32 rows), max 200 -> 256 (512 rows <= 4 x 246)
+    assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [32, 16, 256]
+    # chunk of 6: max 200 -> 256, 6 x 256 = 1536 > 4 x 246 = 984: ragged
+    assert moe.chunk_matmul_plan(sizes, [0], 6, 246) == [None]
+    monkeypatch.setenv(moe.MOE_MATMUL_ENV, "ragged")
+    assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [None, None, None]

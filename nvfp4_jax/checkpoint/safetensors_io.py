@@ -335,8 +335,11 @@ class FileCache:
         if entry.nbytes == 0:
             return np.zeros(entry.shape, DTYPES[entry.dtype])
         fd = self._fds.get(entry.file)
-        if fd is None:
-            fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+        if fd is None:  # two threads may open the file at once (read-ahead and writer): one fd is kept
+            opened = os.open(entry.file, os.O_RDONLY)
+            fd = self._fds.setdefault(entry.file, opened)
+            if fd != opened:
+                os.close(opened)
         buf = bytearray(entry.nbytes)
         view = memoryview(buf)
         done = 0

@@ -164,6 +164,99 @@ def experts_chunk(dispatch: Dispatch, start, weights: ExpertWeights, in_amax: Ex
 experts_chunk_jit = exact_jit(experts_chunk, static_argnames=("act_name", "collect_hessian"))
 
 
+def _stack_experts_padded(weights: ExpertWeights, dtype):
+    """Per-expert checkpoint tensors -> batched-matmul operands [C, H, 2I] and [C, I, H]."""
+    g = jnp.stack([w.astype(dtype) for w in weights.gate])   # [C, I, H]
+    u = jnp.stack([w.astype(dtype) for w in weights.up])
+    d = jnp.stack([w.astype(dtype) for w in weights.down])   # [C, H, I]
+    return jnp.concatenate([g, u], axis=1).swapaxes(1, 2), d.swapaxes(1, 2)
+
+
+def experts_chunk_padded(dispatch: Dispatch, start, weights: ExpertWeights, in_amax: ExpertInputAmax | None = None,
+                         *, act_name: str, capacity: int, collect_hessian: bool = False):
+    """:func:`experts_chunk` as one batched matmul: each expert of the chunk gets its rows gathered
+    into a ``[capacity, H]`` slab (zero rows after its last one; capacity at least its row count),
+    so the matmuls cover C x capacity rows instead of the whole sorted row array. Same results and
+    roundings per row (bf16 operands, float32 accumulation, bf16 result); padded rows are left out
+    of every statistic and of the output."""
+    x_sorted, group_sizes = dispatch.x_sorted, dispatch.group_sizes
+    dtype = x_sorted.dtype
+    c = len(weights.gate)
+    act = activation(act_name)
+    gu_w, dn_w = _stack_experts_padded(weights, dtype)
+    offsets = jnp.cumsum(group_sizes) - group_sizes  # first sorted row of each expert
+    chunk_sizes = jax.lax.dynamic_slice(group_sizes, (start,), (c,))
+    chunk_offsets = jax.lax.dynamic_slice(offsets, (start,), (c,))
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    valid = slot[None, :] < chunk_sizes[:, None]  # [C, cap]
+    num_rows = x_sorted.shape[0]
+    rows = jnp.where(valid, chunk_offsets[:, None] + slot[None, :], num_rows)  # padded: out of range
+    x = jnp.where(valid[..., None], x_sorted[jnp.minimum(rows, num_rows - 1)], jnp.zeros((), dtype))
+    if in_amax is not None:
+        x = input_fake_quant_rows(x.reshape(c * capacity, -1),
+                                  jnp.repeat(in_amax.gate_up, capacity)).reshape(x.shape)
+    gu = jnp.einsum("crh,chn->crn", x, gu_w, preferred_element_type=jnp.float32).astype(dtype)
+    inter = gu.shape[-1] // 2
+    h = act(gu[..., :inter]) * gu[..., inter:]
+    h = jnp.where(valid[..., None], h, jnp.zeros((), dtype))
+    row_amax = jnp.max(jnp.abs(h), axis=-1).astype(jnp.float32)
+    down_amax = jnp.where(chunk_sizes > 0, jnp.max(jnp.where(valid, row_amax, 0.0), axis=-1), 0.0)
+    down_amax = down_amax.astype(jnp.float32)
+    down_hessian = None
+    if collect_hessian:
+        ids = jnp.where(valid, jnp.arange(c, dtype=jnp.int32)[:, None], c)  # padded rows: no expert
+        down_hessian = expert_block_second_moment_sum(h.reshape(c * capacity, -1), ids.reshape(-1), c)
+    if in_amax is not None:
+        h = input_fake_quant_rows(h.reshape(c * capacity, -1),
+                                  jnp.repeat(in_amax.down, capacity)).reshape(h.shape)
+    y = jnp.einsum("cri,cin->crn", h, dn_w, preferred_element_type=jnp.float32).astype(dtype)
+    y_sorted = jnp.zeros((num_rows, y.shape[-1]), dtype).at[rows.reshape(-1)].set(
+        y.reshape(c * capacity, -1), mode="drop")
+    return (y_sorted, down_amax) if down_hessian is None else (y_sorted, down_amax, down_hessian)
+
+
+experts_chunk_padded_jit = exact_jit(experts_chunk_padded, static_argnames=("act_name", "capacity", "collect_hessian"))
+
+MOE_MATMUL_ENV = "NVFP4_MOE_MATMUL"  # auto (default) | padded | ragged: forces one path (benchmarks)
+# padded slabs may hold up to this many times the sorted rows: measured on an H200 (2026-12-02, a
+# Kimi-K2 MoE layer, 4096 tokens x 8, 24 experts a chunk) ragged_dot took 95 ms a chunk against
+# 13 ms for padded slabs of 1.1x the rows, about 7x more per row; 4 keeps padded the cheaper with
+# room and bounds its slabs (bf16 input, float32 gate/up result) to 4x the sorted row array
+PADDED_ROWS_FACTOR = 4
+
+
+def padded_capacity(rows: int) -> int:
+    """The capacity a chunk's largest expert of ``rows`` rows gets: the next of 16, 24, 32, 48,
+    64, 96, ... (powers of two and 1.5 times them), so few capacities (compilations) serve a run
+    while at most a third of a slab's rows are padding."""
+    cap = 16
+    while cap < rows:
+        cap = cap * 3 // 2 if cap & (cap - 1) == 0 else cap * 4 // 3  # 16, 24, 32, 48, 64, ...
+    return cap
+
+
+def chunk_matmul_plan(group_sizes: np.ndarray, starts: Sequence[int], chunk: int, num_rows: int) -> list:
+    """Per chunk, the capacity of its padded batched matmul, or None for ragged_dot.
+
+    The rule: padded when ``C x capacity <= PADDED_ROWS_FACTOR x num_rows``, num_rows being the
+    rows one ragged_dot call is given (the whole expert-sorted row array: rows outside the chunk
+    are absorbed or dropped, not skipped), so padded slabs never exceed 4x the sorted row array
+    and padded runs where it was measured cheaper (see PADDED_ROWS_FACTOR); a routing so skewed
+    that one expert's rows times C exceed that falls back to ragged_dot.
+    ``NVFP4_MOE_MATMUL=padded|ragged`` forces one path.
+    """
+    import os
+
+    force = os.environ.get(MOE_MATMUL_ENV, "auto")
+    plan = []
+    for start in starts:
+        sizes = group_sizes[start:start + chunk]
+        cap = padded_capacity(int(sizes.max(initial=0)))
+        fits = len(sizes) * cap <= PADDED_ROWS_FACTOR * num_rows
+        plan.append(None if force == "ragged" or (force != "padded" and not fits) else cap)
+    return plan
+
+
 def auto_chunk(weights: ExpertWeights) -> int:
     """The most experts whose stacked weights fit EXPERT_STACK_BYTES (at least 1)."""
     per_expert = sum(int(np.prod(lst[0].shape)) * jnp.dtype(lst[0].dtype).itemsize for lst in weights)
@@ -178,13 +271,23 @@ def run_experts(dispatch: Dispatch, weights: ExpertWeights, in_amax: ExpertInput
     down inputs' block second-moment sums f32 [E, I/16, 16, 16] third."""
     num_experts = len(weights.gate)
     chunk = chunk_size or auto_chunk(weights)
+    starts = list(range(0, num_experts, chunk))
+    if isinstance(dispatch.group_sizes, jax.core.Tracer):  # traced by a caller's jit: sizes unknown, ragged_dot
+        caps = [None] * len(starts)
+    else:  # one small read of the routing per layer: the capacities are compile-time shapes
+        caps = chunk_matmul_plan(np.asarray(jax.device_get(dispatch.group_sizes)), starts, chunk,
+                                 int(dispatch.x_sorted.shape[0]))
     y_sorted = None
     down_amax, down_hessian = [], []
-    for start in range(0, num_experts, chunk):
+    for start, cap in zip(starts, caps):
         stop = min(start + chunk, num_experts)
         hook = None if in_amax is None else in_amax.chunk(start, stop)
-        y, d, *h = experts_chunk_jit(dispatch, jnp.int32(start), weights.chunk(start, stop), hook, act_name=act_name,
-                                     collect_hessian=collect_hessian)
+        if cap is None:
+            y, d, *h = experts_chunk_jit(dispatch, jnp.int32(start), weights.chunk(start, stop), hook,
+                                         act_name=act_name, collect_hessian=collect_hessian)
+        else:
+            y, d, *h = experts_chunk_padded_jit(dispatch, jnp.int32(start), weights.chunk(start, stop), hook,
+                                                act_name=act_name, capacity=cap, collect_hessian=collect_hessian)
         y_sorted = y if y_sorted is None else y_sorted + y
         down_amax.append(d)
         down_hessian += h
