@@ -12,6 +12,10 @@ import threading
 from nvfp4_jax.errors import NVFP4Error
 
 _NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+# Signals received inside `signals_raise`. The handler's exception can land inside library code
+# that catches every exception (JAX's persistent compilation cache turns a failed read into a
+# warning), so the run also checks this record at its safe points (`raise_pending`).
+_received: list[int] = []
 
 
 class Interrupted(NVFP4Error):
@@ -36,8 +40,10 @@ def signals_raise():
         return
 
     def handler(signum, _frame):
+        _received.append(signum)
         raise Interrupted(signum)
 
+    _received.clear()
     previous = {s: signal.signal(s, handler) for s in _NAMES}
     try:
         yield
@@ -46,4 +52,11 @@ def signals_raise():
             signal.signal(s, h)
 
 
-__all__ = ["Interrupted", "signals_raise"]
+def raise_pending() -> None:
+    """Raise :class:`Interrupted` if a signal arrived inside `signals_raise` whose exception was
+    swallowed on its way up; called between layers and before the output is made final."""
+    if _received:
+        raise Interrupted(_received[0])
+
+
+__all__ = ["Interrupted", "raise_pending", "signals_raise"]

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvfp4_jax import (__version__, calib_data, compile_cache, expert_parallel, fingerprint, guards, numerics,
-                       resources, sharding, weight_scales)
+from nvfp4_jax import (__version__, calib_data, compile_cache, expert_parallel, fingerprint, guards, interrupts,
+                       numerics, resources, sharding, weight_scales)
 from nvfp4_jax.overlap import LAYERS_IN_FLIGHT, WriteBehind, read_ahead
 from nvfp4_jax.finite import check_finite
 from nvfp4_jax.layer_quant import input_scales, quantize_layer
@@ -184,6 +184,7 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         if figures["bytes_read"] is not None:  # beside the OS's count, the reader's own
             figures["bytes_read"]["reader"] = reader.bytes_read
         run.resources = coordinator.gather_json("resources", figures)
+        interrupts.raise_pending()  # a signal whose exception a library swallowed: OUT is not made final
         return coordinator.finish(run.writer, lambda units, manifests: _write_outputs(run, stats, units, manifests))
 
 
@@ -369,6 +370,7 @@ def _convert_units(run: _Run, hidden: list) -> CalibStats:
     with Progress(len(run.plan.units), run.opt.progress) as progress, WriteBehind(enabled=run.opt.overlap) as writes:
         for unit, loaded in read_ahead(run.plan.units, lambda u: _load_unit(run, u), enabled=run.opt.overlap):
             stats = _convert_unit(run, unit, loaded, hidden, stats, writes)
+            interrupts.raise_pending()
             loaded = None  # noqa: F841 - the layer's tensors are freed before the next one is taken
             progress.step(f"{unit.name} (done)" if unit.name in run.resumed_units else unit.name)
     return stats

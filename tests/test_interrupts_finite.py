@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nvfp4_jax.finite import NonFiniteError, check_finite
-from nvfp4_jax.interrupts import Interrupted, signals_raise
+from nvfp4_jax.interrupts import Interrupted, raise_pending, signals_raise
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -21,6 +21,24 @@ def test_signal_raises_interrupted_and_restores_the_handler(sig):
                 pass
     assert e.value.signum == sig and e.value.exit_code == 128 + sig
     assert signal.getsignal(sig) is before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_swallowed_signal_is_raised_at_the_next_safe_point(sig):
+    """Library code that catches every exception (JAX's compilation cache read does) must not
+    make the run forget the signal."""
+    with pytest.raises(Interrupted) as e:
+        with signals_raise():
+            try:
+                os.kill(os.getpid(), sig)
+                for _ in range(10_000_000):
+                    pass
+            except Exception:  # what such a library does
+                pass
+            raise_pending()
+    assert e.value.signum == sig
+    with signals_raise():
+        raise_pending()  # a new block starts with no signal on record
 
 
 def test_finite_tensors_pass_and_integers_are_ignored():

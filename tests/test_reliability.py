@@ -17,6 +17,7 @@ from nvfp4_jax import examples, pipeline
 from nvfp4_jax.checkpoint.safetensors_io import FileCache, read_header, save_file
 from nvfp4_jax.cli import main as cli_main
 from nvfp4_jax.errors import NVFP4Error
+from nvfp4_jax.interrupts import Interrupted, signals_raise
 from nvfp4_jax.pipeline import ConvertOptions, convert
 from tests.cli_process import start_cli, wait_for_first_layer
 
@@ -227,6 +228,27 @@ def test_conflicting_calibration_options_are_an_error(llama, tmp_path, capsys):
 
 
 # 6. signals: SIGTERM (and SIGINT) leave a resumable partial and print one clean line
+
+def test_a_signal_swallowed_inside_a_library_still_stops_the_run(llama, tmp_path, monkeypatch):
+    """The signal's exception raised inside code that catches everything (JAX's compilation cache
+    read turns it into a warning): the run stops at the next layer, OUT is not made final."""
+    real = pipeline._quantize_and_write
+
+    def swallowed(*a, **k):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except Exception:
+            pass
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "_quantize_and_write", swallowed)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted) as e:
+        with signals_raise():
+            convert(llama, out, ConvertOptions(calib_tokens=_tokens(llama), progress=False), log=lambda m: None)
+    assert e.value.signum == signal.SIGTERM
+    assert not out.exists() and Path(f"{out}.partial").exists()
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_leaves_a_resumable_partial_and_one_line(tmp_path, sig):
