@@ -75,15 +75,18 @@ def spans_processes(mesh: Optional[Mesh]) -> bool:
 def expert_owners(family, layer: int, names: Sequence[str], mesh: Mesh) -> dict[str, int]:
     """The process that holds each routed-expert tensor of ``layer`` (the owner of its device):
     it quantizes and writes it (``ConversionPlan.owners(pinned=)``)."""
+    return {n: device.process_index for n, device in _tensor_devices(family, layer, names, mesh) if device is not None}
+
+
+def _tensor_devices(family, layer: int, names: Sequence[str], mesh: Mesh):
+    """(name, device) for each tensor of ``layer``: the device of ``mesh`` that holds a routed
+    expert's tensor, None for the layer's other tensors."""
     prefix = family.layer_prefix(layer)
     blocks = ExpertBlocks(family.num_experts, mesh.size)
     devices = list(mesh.devices.flat)
-    out = {}
     for n in family.layer_param_names(layer, names):
         e = expert_of(n, prefix)
-        if e is not None:
-            out[n] = devices[blocks.owner(e)].process_index
-    return out
+        yield n, (None if e is None else devices[blocks.owner(e)])
 
 
 def enabled(mode: str, family, layer: int, num_devices: int) -> bool:
@@ -131,16 +134,11 @@ def read_layer(family, reader, layer: int, names: Sequence[str], mesh: Mesh, dty
     """Layer ``layer``'s tensors from ``reader``: each routed expert decoded on the device of
     ``mesh`` that owns it, the rest on the default device. With ``only_local`` (multi-process),
     experts owned by another process's devices are not read at all."""
-    prefix = family.layer_prefix(layer)
-    blocks = ExpertBlocks(family.num_experts, mesh.size)
-    devices = list(mesh.devices.flat)
     out = {}
-    for n in family.layer_param_names(layer, names):
-        e = expert_of(n, prefix)
-        if e is None:
+    for n, device in _tensor_devices(family, layer, names, mesh):
+        if device is None:
             out[n] = reader.get(n, dtype=family.param_dtype(n, dtype))
             continue
-        device = devices[blocks.owner(e)]
         if device.process_index != jax.process_index():
             if only_local:
                 continue

@@ -14,28 +14,17 @@ expert. ``per-expert`` has no ModelOpt counterpart for fused experts and is not 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nvfp4_jax.checkpoint.safetensors_io import FileCache, read_header
 from nvfp4_jax.pipeline import ConvertOptions, convert
+from tests.checkpoint_files import load_dir
 from tests.model_fixtures import make_deepseek_v3, tensor_digest
 from tests.paths import GOLDEN_DIR
 
 GOLDEN = json.loads((GOLDEN_DIR / "tiny_deepseek_v3" / "golden.json").read_text())
 TOLERANCE = 1e-2  # relative, as for tiny_llama (SPEC: input_scale depends on the forward arithmetic)
-
-
-def _load(d: Path) -> dict[str, np.ndarray]:
-    out, fc = {}, FileCache()
-    for f in sorted(Path(d).glob("*.safetensors")):
-        entries, _ = read_header(f)
-        for k, e in entries.items():
-            out[k] = np.array(fc.read(e))
-    fc.close()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,7 @@ def test_input_scales_match_modelopt(source, tmp_path, case):
     golden = GOLDEN["cases"][case]
     out = tmp_path / "out"
     convert(source, out, ConvertOptions(calib_tokens=golden["tokens"], preset="all", progress=False))
-    ours = _load(out)
+    ours = load_dir(out)
     diffs = _relative_differences(ours, golden["scales"])
     assert len(diffs) == 72  # 8 linears in layer 0, 5 attention + 3 shared + 8 x 3 routed in layers 1-2
     worst = max(diffs, key=diffs.get)
@@ -80,7 +69,7 @@ def test_weight_scale_2_match_modelopt(source, tmp_path):
     golden = GOLDEN["cases"]["main"]
     out = tmp_path / "out"
     convert(source, out, ConvertOptions(calib_tokens=golden["tokens"], preset="all", progress=False))
-    ours = _load(out)
+    ours = load_dir(out)
     ws2 = {k: v for k, v in golden["scales"].items() if k.endswith(".weight_scale_2")}
     assert len(ws2) == 72
     mismatched = {k: (float(ours[k]), v) for k, v in ws2.items() if np.float32(ours[k]) != np.float32(v)}

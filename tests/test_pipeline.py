@@ -11,23 +11,12 @@ import pytest
 import torch
 
 from nvfp4_jax import __version__, examples
-from nvfp4_jax.checkpoint.safetensors_io import FileCache, read_header
 from nvfp4_jax.pipeline import ConversionError, ConvertOptions, convert
 from nvfp4_jax.verify import verify
+from tests.checkpoint_files import load_dir
 from tests.cli_process import start_cli, wait_for_first_layer
 from tests.paths import TINY_LLAMA
 from torch_bridge import reference
-
-
-
-def load_dir(d) -> dict[str, np.ndarray]:
-    out, fc = {}, FileCache()
-    for f in sorted(Path(d).glob("*.safetensors")):
-        entries, _ = read_header(f)
-        for k, e in entries.items():
-            out[k] = np.array(fc.read(e))
-    fc.close()
-    return out
 
 
 @pytest.fixture(scope="module")

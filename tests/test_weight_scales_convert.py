@@ -21,7 +21,7 @@ from nvfp4_jax.cli import main as cli_main
 from nvfp4_jax.errors import NVFP4Error
 from nvfp4_jax.pipeline import ConvertOptions, convert
 from nvfp4_jax.verify import verify
-from tests.test_pipeline import load_dir
+from tests.checkpoint_files import load_dir
 from tests.test_reliability import _interrupted
 from torch_bridge import reference
 
