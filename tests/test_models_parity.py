@@ -257,6 +257,22 @@ def _chunking_bounds(family, params, layer, stats):
     return dh, family.spec.routed_scaling_factor * dy
 
 
+def _same_layer_within_bounds(family, params, reference, other):
+    """Layer 1 computed two ways, (hidden, stats) each: routing, counts and the other amaxes equal,
+    the down amax and the output within the float32 accumulation bounds of _chunking_bounds."""
+    (ref_out, s1), (out, s2) = reference, other
+    for key in ("gate_up_input_amax", "tokens_per_expert"):
+        np.testing.assert_array_equal(np.asarray(getattr(s2.experts, key)), np.asarray(getattr(s1.experts, key)))
+    assert s2.input_amax == s1.input_amax
+    dh, dy = _chunking_bounds(family, params, 1, s1)
+    diff = np.abs(np.asarray(s2.experts.down_input_amax, np.float64) - np.asarray(s1.experts.down_input_amax))
+    assert np.all(diff <= dh), (diff, dh)
+    out_diff = float(np.max(np.abs(np.asarray(out, np.float64) - np.asarray(ref_out, np.float64))))
+    scale = float(np.max(np.abs(np.asarray(ref_out))))
+    assert out_diff <= dy + 16 * 2.0 ** -24 * scale, (out_diff, dy)
+    return diff, dh, out_diff, dy
+
+
 def test_expert_chunking_gives_the_same_layer(checkpoints):
     """Stacking experts a few at a time (memory bound) changes only how XLA sums the expert
     matmuls: routing, token counts and gate/up input amax (computed before the experts, by one
@@ -270,15 +286,7 @@ def test_expert_chunking_gives_the_same_layer(checkpoints):
     whole, s1 = family.layer_forward(1, params, hidden, dtype=jnp.float32)
     family.expert_chunk_size = 3
     chunked, s2 = family.layer_forward(1, params, hidden, dtype=jnp.float32)
-    for key in ("gate_up_input_amax", "tokens_per_expert"):
-        np.testing.assert_array_equal(np.asarray(getattr(s2.experts, key)), np.asarray(getattr(s1.experts, key)))
-    assert s2.input_amax == s1.input_amax
-    dh, dy = _chunking_bounds(family, params, 1, s1)
-    diff = np.abs(np.asarray(s2.experts.down_input_amax, np.float64) - np.asarray(s1.experts.down_input_amax))
-    assert np.all(diff <= dh), (diff, dh)
-    out_diff = float(np.max(np.abs(np.asarray(chunked, np.float64) - np.asarray(whole, np.float64))))
-    scale = float(np.max(np.abs(np.asarray(whole))))
-    assert out_diff <= dy + 16 * 2.0 ** -24 * scale, (out_diff, dy)
+    diff, dh, out_diff, dy = _same_layer_within_bounds(family, params, (whole, s1), (chunked, s2))
     print(f"\nchunked vs whole: down amax diff {diff.max():.2e} (bound {dh.min():.2e}..{dh.max():.2e}), "
           f"output diff {out_diff:.2e} (bound {dy:.2e})")
 
@@ -327,15 +335,7 @@ def test_padded_expert_matmul_gives_the_same_layer(checkpoints, monkeypatch):
         monkeypatch.setenv(moe.MOE_MATMUL_ENV, path_name)
         outputs[path_name] = family.layer_forward(1, params, hidden, dtype=jnp.float32)
     (ragged, s1), (padded, s2) = outputs["ragged"], outputs["padded"]
-    for key in ("gate_up_input_amax", "tokens_per_expert"):
-        np.testing.assert_array_equal(np.asarray(getattr(s2.experts, key)), np.asarray(getattr(s1.experts, key)))
-    assert s2.input_amax == s1.input_amax
-    dh, dy = _chunking_bounds(family, params, 1, s1)
-    diff = np.abs(np.asarray(s2.experts.down_input_amax, np.float64) - np.asarray(s1.experts.down_input_amax))
-    assert np.all(diff <= dh), (diff, dh)
-    out_diff = float(np.max(np.abs(np.asarray(padded, np.float64) - np.asarray(ragged, np.float64))))
-    scale = float(np.max(np.abs(np.asarray(ragged))))
-    assert out_diff <= dy + 16 * 2.0 ** -24 * scale, (out_diff, dy)
+    _same_layer_within_bounds(family, params, (ragged, s1), (padded, s2))
 
 
 def test_padded_matmul_rule(monkeypatch):
