@@ -168,10 +168,11 @@ def _dequant_error_reference(w, t):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
-@pytest.mark.parametrize("lead", [(), (3,)])
-def test_squared_error_equals_dequantized_reference(dtype, lead):
+@pytest.mark.parametrize("lead,shape", [((), (8, 64)), ((3,), (8, 64)), ((), (1024, 1024))])
+def test_squared_error_equals_dequantized_reference(dtype, lead, shape):
+    """Also at a million elements, where one float32 accumulator would be off by about 1e-2."""
     rng = np.random.default_rng(7)
-    w = jnp.asarray(rng.standard_normal((*lead, 8, 64)) * 3, dtype)
+    w = jnp.asarray(rng.standard_normal((*lead, *shape)) * 3, dtype)
     w = w.at[..., 0, :16].set(0)  # an all-zero block
     w = w.at[..., 1, 3].set(-1e-6)  # a negative value rounded to zero (code 8)
     amax = nq.tensor_amax(w, per_leading=True) if lead else None
