@@ -303,14 +303,27 @@ def _quantized_modules_by_layer(out: Path) -> dict[int, list[str]]:
     return {k: sorted(v) for k, v in sorted(by_layer.items())}
 
 
+def _quantized_weights_per_layer(src: Path, out: Path):
+    """(modules, {module: weight}) per layer of the weights the conversion quantized, decoded from
+    ``src`` as the conversion reads them (bf16), ready on device."""
+    from nvfp4_jax.checkpoint.reader import CheckpointReader
+
+    reader = CheckpointReader(src)
+    try:
+        for mods in _quantized_modules_by_layer(out).values():
+            weights = {m: reader.get(f"{m}.weight", jnp.bfloat16) for m in mods}
+            yield mods, jax.block_until_ready(weights)
+    finally:
+        reader.close()
+
+
 def quantize_kernels_baseline(src: Path, out: Path) -> dict:
     """The quantize phase's kernels alone, on the weights the conversion quantized: per layer, the
-    source weights decoded as the conversion reads them (untimed), their amax (untimed), then
-    :func:`numerics.quantize` with that amax, jitted afresh (one compilation per weight shape and
-    chunk size, timed), in the chunks the phase uses (:func:`layer_quant._chunks`, stacked inside
-    the jit where a chunk has several weights), until every result is ready."""
+    weights (read untimed), their amax (untimed), then :func:`numerics.quantize` with that amax,
+    jitted afresh (one compilation per weight shape and chunk size, timed), in the chunks the phase
+    uses (:func:`layer_quant._chunks`, stacked inside the jit where a chunk has several weights),
+    until every result is ready."""
     from nvfp4_jax import layer_quant
-    from nvfp4_jax.checkpoint.reader import CheckpointReader
 
     jax.clear_caches()  # the conversion's compilations are not the baseline's
 
@@ -318,30 +331,39 @@ def quantize_kernels_baseline(src: Path, out: Path) -> dict:
     def kernel(ws, amax):
         return numerics.quantize(ws[0] if len(ws) == 1 else jnp.stack(ws), amax, check=False)
 
-    reader = CheckpointReader(src)
     seconds, count = 0.0, 0
-    try:
-        for mods in _quantized_modules_by_layer(out).values():
-            weights = {m: reader.get(f"{m}.weight", jnp.bfloat16) for m in mods}
-            chunks = layer_quant._chunks(weights, mods, layer_quant.chunk_bytes())
-            amax = [np.asarray(jax.device_get(layer_quant._chunk_amax(tuple(weights[m] for m in b))))
-                    for b in chunks]
-            jax.block_until_ready(weights)
-            t = time.perf_counter()
-            results = [kernel(tuple(weights[m] for m in b), a if len(b) > 1 else a[0]) for b, a in zip(chunks, amax)]
-            jax.block_until_ready(results)
-            seconds += time.perf_counter() - t
-            count += len(mods)
-            del weights, results
-    finally:
-        reader.close()
+    for mods, weights in _quantized_weights_per_layer(src, out):
+        chunks = layer_quant._chunks(weights, mods, layer_quant.chunk_bytes())
+        amax = [np.asarray(jax.device_get(layer_quant._chunk_amax(tuple(weights[m] for m in b)))) for b in chunks]
+        t = time.perf_counter()
+        results = [kernel(tuple(weights[m] for m in b), a if len(b) > 1 else a[0]) for b, a in zip(chunks, amax)]
+        jax.block_until_ready(results)
+        seconds += time.perf_counter() - t
+        count += len(mods)
     return {"phase": "quantize", "seconds": seconds, "weights": count,
             "what": "numerics.quantize per chunk of the phase, compilation included"}
 
 
+def quantize_layer_baseline(src: Path, out: Path) -> dict:
+    """:func:`layer_quant.quantize_layer` alone (amax, quantize, squared error, the transfer) on the
+    same weights, compilations included: the phase without the pipeline around it (input scales,
+    the read-ahead thread competing for the cores)."""
+    from nvfp4_jax import layer_quant
+
+    jax.clear_caches()
+    seconds, count = 0.0, 0
+    for mods, weights in _quantized_weights_per_layer(src, out):
+        t = time.perf_counter()
+        layer_quant.quantize_layer(weights)
+        seconds += time.perf_counter() - t
+        count += len(mods)
+    return {"phase": "quantize", "seconds": seconds, "weights": count,
+            "what": "layer_quant.quantize_layer per layer, compilation included"}
+
+
 #: measurements taken in a bench run's child process after its conversion, on the same files:
 #: name -> fn(src, out) -> {"phase": the report phase it is the baseline of, "seconds": ..., ...}
-CHILD_BASELINES = {"quantize_kernels": quantize_kernels_baseline}
+CHILD_BASELINES = {"quantize_kernels": quantize_kernels_baseline, "quantize_layer": quantize_layer_baseline}
 
 
 def baseline_ratios(phases: dict, baselines: dict) -> dict:
