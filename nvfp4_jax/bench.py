@@ -281,6 +281,7 @@ def _convert_in_child(src: Path, out: Path, calib) -> tuple[float, dict]:
 
 
 _CACHE_ENV = "NVFP4_BENCH_COMPILE_CACHE"
+NO_OVERLAP_ENV = "NVFP4_BENCH_NO_OVERLAP"  # 1: the timed conversions run with --no-overlap (phases alone)
 
 
 def _convert_child(argv: list[str]) -> None:
@@ -295,7 +296,9 @@ def _convert_child(argv: list[str]) -> None:
 
     src, out, samples, seq_len = argv
     tokens = calibration_samples(src, int(samples), int(seq_len))
-    report = convert(src, out, ConvertOptions(calib_tokens=tokens, overwrite=True, progress=False), log=lambda m: None)
+    overlap = os.environ.get(NO_OVERLAP_ENV, "") in ("", "0")
+    report = convert(src, out, ConvertOptions(calib_tokens=tokens, overwrite=True, progress=False, overlap=overlap),
+                     log=lambda m: None)
     report["baselines"] = {name: fn(Path(src), Path(out)) for name, fn in CHILD_BASELINES.items()}
     print("REPORT" + json.dumps(report))
 
