@@ -218,11 +218,12 @@ def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[s
 
 
 def input_scales(input_amax: Mapping[str, float]) -> dict[str, np.ndarray]:
-    """``input_scale`` of every module (``amax / 2688``, correctly rounded), in one device call."""
+    """``input_scale`` of every module (``amax / 2688``, correctly rounded), in one jitted call on
+    the amax padded with ones to a power of two of at least INPUT_SCALES_MIN_LEN."""
     names = sorted(input_amax)
     if not names:
         return {}
-    padded = 1 << (len(names) - 1).bit_length()  # a power of two: one compilation for many layers
+    padded = max(INPUT_SCALES_MIN_LEN, 1 << (len(names) - 1).bit_length())  # few lengths, few compilations
     a = np.ones(padded, np.float32)
     a[:len(names)] = [input_amax[m] for m in names]
     s = np.asarray(jax.device_get(_scales_jit(a)), np.float32)
@@ -230,6 +231,7 @@ def input_scales(input_amax: Mapping[str, float]) -> dict[str, np.ndarray]:
 
 
 _scales_jit = jax.jit(numerics.scale_from_amax)
+INPUT_SCALES_MIN_LEN = 2048  # one compilation for every layer of up to 2048 linears (a Kimi MoE layer: 1158)
 
 
 __all__ = ["LayerQuantError", "QuantizedLayer", "quantize_layer", "input_scales", "chunk_bytes",
