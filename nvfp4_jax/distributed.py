@@ -47,8 +47,9 @@ error, within seconds.
 
 :class:`ProcessGroup` is the :class:`nvfp4_jax.coordinator.Coordinator` of one such process. Tests
 inject failures with ``fault``, a callable given the name of each point a process passes
-(``stats:layer.L`` before the statistics exchange of layer L, ``done`` before reporting its
-manifest), which may kill the process or raise.
+(``stats:layer.L`` before the statistics exchange of layer L, ``barrier:TAG`` and ``passed:TAG``
+before and after a barrier, e.g. ``experts/layer.L`` before a MoE layer's collectives, ``done``
+before reporting its manifest), which may kill the process or raise.
 """
 
 from __future__ import annotations
@@ -232,6 +233,19 @@ class ProcessGroup(Coordinator):
     def barrier(self, tag: str) -> None:
         self.fault(f"barrier:{tag}")
         self.all_gather(f"barrier/{tag}", "1", f"every process to reach {tag}")
+        self.fault(f"passed:{tag}")  # e.g. a process lost inside the collectives that follow
+
+    def explain_failure(self, error: BaseException, what: str) -> None:
+        # a collective fails on the survivors when a peer is lost inside it (gloo: its setup times
+        # out after 30 s, or a connection drops): tell the others, then watch the peers for up to a
+        # heartbeat timeout so that the message names the lost process, not gloo's symptom
+        self.post_error(f"{type(error).__name__} in {what}: {error}")
+        deadline = time.monotonic() + self.stale_s + 2 * _POLL_S
+        while True:
+            self.check_peers(what)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(_POLL_S)  # a poll of the store, bounded by the deadline
 
     def gather_json(self, tag: str, value) -> list:
         return [json.loads(v) for v in self.all_gather(f"json/{tag}", json.dumps(value), f"the {tag} figures")]

@@ -10,6 +10,8 @@ Properties checked:
   routed-expert bytes plus every other tensor, within 15%, and so does each of the 4 with a quarter;
   the one-process run reads all of them, more than that bound (so the bound can fail). Expected
   bytes come from the safetensors headers.
+* A process killed right before a MoE layer's collectives (after the barrier) makes the other exit
+  non-zero with a message naming the lost process (not gloo's timeout), and OUT is not created.
 * The processes meet before the collectives whatever their compile times: in the 2-process run
   process 0 shares the compilation cache the one-process run filled (hits) while process 1 starts
   from an empty one (compiles everything); the 4-process run compiles its 4-device programs anew.
@@ -26,11 +28,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from nvfp4_jax import examples
 from nvfp4_jax.checkpoint.reader import CheckpointReader
+from tests.test_distributed import FAULT_DRIVER
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 500  # s, one whole run (all its processes) on a busy 2-core machine
@@ -53,12 +57,9 @@ def _env(cache: Path) -> dict:
     return env
 
 
-def _run(args: list[list[str]], caches: list[Path], timeout: float = RUN_TIMEOUT) -> list[str]:
-    """Run one CLI process per argument list (process i with compilation cache ``caches[i]``); all
-    must exit 0 within ``timeout`` seconds in all, else they are killed and the test fails."""
-    procs = [subprocess.Popen([sys.executable, "-m", "nvfp4_jax.cli", *a], cwd=REPO, env=_env(c),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for a, c in zip(args, caches)]
+def _finish(procs: list[subprocess.Popen], timeout: float = RUN_TIMEOUT) -> tuple[list, list[str]]:
+    """(return codes, outputs) once every process ended; past ``timeout`` seconds in all they are
+    killed (SIGKILL: a process hung in a collective ignores SIGTERM, JAX's preemption notifier)."""
     deadline = time.monotonic() + timeout
     outs = []
     try:
@@ -66,14 +67,28 @@ def _run(args: list[list[str]], caches: list[Path], timeout: float = RUN_TIMEOUT
             try:
                 outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
             except subprocess.TimeoutExpired:
-                p.kill()  # SIGKILL: a process hung in a collective ignores SIGTERM (JAX's preemption notifier)
+                p.kill()
                 outs.append(f"(killed after {timeout:.0f} s) " + p.communicate()[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert [p.returncode for p in procs] == [0] * len(procs), "\n\n".join(outs)
+    return [p.returncode for p in procs], outs
+
+
+def _start(args: list[str], cache: Path, fault: Optional[tuple[str, str]] = None) -> subprocess.Popen:
+    """One CLI process with compilation cache ``cache``; ``fault``: (point, "kill" or "raise")."""
+    prefix = ["-c", FAULT_DRIVER, *fault] if fault else ["-m", "nvfp4_jax.cli"]
+    return subprocess.Popen([sys.executable, *prefix, *args], cwd=REPO, env=_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(args: list[list[str]], caches: list[Path]) -> list[str]:
+    """Run one CLI process per argument list (process i with compilation cache ``caches[i]``); all
+    must exit 0 within RUN_TIMEOUT."""
+    codes, outs = _finish([_start(a, c) for a, c in zip(args, caches)])
+    assert codes == [0] * len(codes), "\n\n".join(outs)
     return outs
 
 
@@ -108,11 +123,14 @@ def _convert_args(root: Path, src: Path, out: Path) -> list[str]:
             "--quiet", "--shard-size", "5000000", "--expert-parallel", "processes"]
 
 
-def _run_processes(root: Path, src: Path, out: Path, caches: list[Path]) -> None:
-    n = len(caches)
+def _process_args(root: Path, src: Path, out: Path, n: int, timeout_s: int = 300) -> list[list[str]]:
     port = _free_port()
-    _run([_convert_args(root, src, out) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
-                                           "--process-id", str(i), "--timeout", "300"] for i in range(n)], caches)
+    return [_convert_args(root, src, out) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
+                                             "--process-id", str(i), "--timeout", str(timeout_s)] for i in range(n)]
+
+
+def _run_processes(root: Path, src: Path, out: Path, caches: list[Path]) -> None:
+    _run(_process_args(root, src, out, len(caches)), caches)
 
 
 def _check(src: Path, ref: Path, out: Path, n: int) -> dict:
@@ -152,3 +170,18 @@ def test_four_processes_write_one_process_bytes(model):
     out = root / "dist4"
     _run_processes(root, src, out, [root / "cache"] * 4)
     _check(src, ref, out, 4)
+
+
+def test_process_killed_inside_the_collectives_is_named_by_the_other(model):
+    root, src, _ = model
+    out = root / "dist-killed"
+    timeout_s = 30  # heartbeat timeout 10 s
+    args = _process_args(root, src, out, 2, timeout_s)
+    # process 1 dies right after the barrier before layer 1's collectives: process 0's gloo setup
+    # waits for it in vain (30 s), then process 0 watches the heartbeats and names the lost process
+    procs = [_start(args[0], root / "cache"), _start(args[1], root / "cache", ("passed:experts/layer.1", "kill"))]
+    codes, outs = _finish(procs)
+    assert codes[1] == -9, outs[1]
+    assert codes[0] not in (0, None, -9), outs[0]
+    assert "process 1 of 2 is gone" in outs[0] and "collectives of layer 1" in outs[0], outs[0]
+    assert not out.exists()
