@@ -339,19 +339,23 @@ def test_padded_expert_matmul_gives_the_same_layer(checkpoints, monkeypatch):
 
 
 def test_padded_matmul_rule(monkeypatch):
-    """Padded when C x capacity is at most PADDED_ROWS_FACTOR (4) times the sorted rows ragged_dot
-    is given; capacities come from a short ladder (16, 24, 32, 48, ...) never below the largest
-    expert's rows."""
+    """Experts in descending row count, a chunk at a time, each chunk with the capacity of its
+    largest (a short ladder: 16, 24, 32, 48, ...); chunks of experts without rows not run; padded
+    when C x capacity is at most PADDED_ROWS_FACTOR (4) times the sorted rows ragged_dot is given."""
     from nvfp4_jax.models import moe
 
     monkeypatch.delenv(moe.MOE_MATMUL_ENV, raising=False)
     ladder = [moe.padded_capacity(r) for r in (0, 1, 16, 17, 24, 25, 33, 49, 65, 1000)]
     assert ladder == [16, 16, 16, 24, 24, 32, 48, 64, 96, 1024]
     assert moe.PADDED_ROWS_FACTOR == 4
-    sizes = np.array([10, 30, 0, 5, 200, 1], np.int64)  # 246 sorted rows
-    # chunks of 2: max 30 -> 32 (64 rows), max 5 -> 16 (32 rows), max 200 -> 256 (512 rows <= 4 x 246)
-    assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [32, 16, 256]
-    # chunk of 6: max 200 -> 256, 6 x 256 = 1536 > 4 x 246 = 984: ragged
-    assert moe.chunk_matmul_plan(sizes, [0], 6, 246) == [None]
+    sizes = np.array([10, 30, 0, 5, 200, 1, 0, 0], np.int64)  # 246 sorted rows
+    plan = moe.expert_matmul_plan(sizes, 2, 246)
+    # by rows: 4 (200), 1 (30) -> 256; 0 (10), 3 (5) -> 16; 5 (1), 2 (0) -> 16; 6, 7 (no rows): not run
+    assert [(list(e), cap) for e, cap in plan] == [([4, 1], 256), ([0, 3], 16), ([5, 2], 16)]
+    assert all(e.dtype == np.int32 for e, _ in plan)
+    # chunks of 6: 4, 1, 0, 3, 5, 2 -> 256, 6 x 256 = 1536 > 4 x 246 = 984: ragged
+    assert moe.expert_matmul_plan(sizes, 6, 246) is None
+    monkeypatch.setenv(moe.MOE_MATMUL_ENV, "padded")
+    assert [cap for _, cap in moe.expert_matmul_plan(sizes, 6, 246)] == [256]  # 6, 7: no rows
     monkeypatch.setenv(moe.MOE_MATMUL_ENV, "ragged")
-    assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [None, None, None]
+    assert moe.expert_matmul_plan(sizes, 2, 246) is None
