@@ -339,9 +339,10 @@ def test_padded_expert_matmul_gives_the_same_layer(checkpoints, monkeypatch):
 
 
 def test_padded_matmul_rule(monkeypatch):
-    """Experts in descending row count, a chunk at a time, each chunk with the capacity of its
-    largest (a short ladder: 16, 24, 32, 48, ...); chunks of experts without rows not run; padded
-    when C x capacity is at most PADDED_ROWS_FACTOR (4) times the sorted rows ragged_dot is given."""
+    """Two tiers: every expert's first c1 rows on the stacks as they are, then the rows past c1 of
+    the busier experts, gathered a chunk at a time in descending count; c1 on the capacity ladder
+    (16, 24, 32, 48, ...) of least cost in rows (slabs plus a gather cost per gathered expert);
+    padded steps of at most PADDED_ROWS_FACTOR (4) times the sorted rows, else ragged_dot."""
     from nvfp4_jax.models import moe
 
     monkeypatch.delenv(moe.MOE_MATMUL_ENV, raising=False)
@@ -349,13 +350,24 @@ def test_padded_matmul_rule(monkeypatch):
     assert ladder == [16, 16, 16, 24, 24, 32, 48, 64, 96, 1024]
     assert moe.PADDED_ROWS_FACTOR == 4
     sizes = np.array([10, 30, 0, 5, 200, 1, 0, 0], np.int64)  # 246 sorted rows
-    plan = moe.expert_matmul_plan(sizes, 2, 246)
-    # by rows: 4 (200), 1 (30) -> 256; 0 (10), 3 (5) -> 16; 5 (1), 2 (0) -> 16; 6, 7 (no rows): not run
-    assert [(list(e), cap) for e, cap in plan] == [([4, 1], 256), ([0, 3], 16), ([5, 2], 16)]
-    assert all(e.dtype == np.int32 for e, _ in plan)
-    # chunks of 6: 4, 1, 0, 3, 5, 2 -> 256, 6 x 256 = 1536 > 4 x 246 = 984: ragged
-    assert moe.expert_matmul_plan(sizes, 6, 246) is None
+
+    def steps(plan):
+        return [(None if s.experts is None else list(s.experts), s.capacity, s.skip) for s in plan]
+
+    # costs (gather 16 rows an expert): c1=0: [4,1] 256, [0,3] 16, [5] 16 -> 512+32+16+5x16 = 640;
+    # c1=16: 128 + [4,1] past 16 (184, 14) 192 -> 128+384+32 = 544; c1=32: 256 + [4] (168) 192 + 16
+    # = 464; c1=48: 384+192+16 = 592; c1=96: 768+128+16 = 912; c1=128: 8 x 128 > 4 x 246: stop
+    assert steps(moe.expert_matmul_plan(sizes, 2, 246, gather_rows=16)) == [(None, 32, 0), ([4], 192, 32)]
+    # gathers so dear that one tier covers every row, where the rule lets 8 x 256 rows be padded
+    assert steps(moe.expert_matmul_plan(sizes, 4, 600, gather_rows=10_000)) == [(None, 256, 0)]
+    # without a first tier (gathers cheap): the last chunk of busy experts padded to a power of two
+    seven = np.array([5] * 7 + [0] * 3, np.int64)  # 10 x 16 > 4 x 35: no first tier; 3 left -> 4 (expert 7)
+    assert steps(moe.expert_matmul_plan(seven, 4, 35)) == [([0, 1, 2, 3], 16, 0), ([4, 5, 6, 7], 16, 0)]
+    assert moe.expert_matmul_plan(np.zeros(8, np.int64), 2, 0) == []
+    # 10 rows over 64 experts: 64 x 16 > 4 x 10, and one chunk of 16 x 16 too: ragged
+    spread = np.array([1] * 10 + [0] * 54, np.int64)
+    assert moe.expert_matmul_plan(spread, 64, 10) is None
     monkeypatch.setenv(moe.MOE_MATMUL_ENV, "padded")
-    assert [cap for _, cap in moe.expert_matmul_plan(sizes, 6, 246)] == [256]  # 6, 7: no rows
+    assert steps(moe.expert_matmul_plan(spread, 64, 10, gather_rows=16)) == [(list(range(10)) + list(range(10, 16)), 16, 0)]
     monkeypatch.setenv(moe.MOE_MATMUL_ENV, "ragged")
     assert moe.expert_matmul_plan(sizes, 2, 246) is None

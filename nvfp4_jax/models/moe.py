@@ -202,24 +202,29 @@ _experts_range_jit = exact_jit(_experts_range, static_argnames=("size", "act_nam
 
 
 def experts_chunk_padded(dispatch: Dispatch, experts, stacks: ExpertStacks, in_amax: ExpertInputAmax | None,
-                         acc, *, act_name: str, capacity: int):
-    """The experts ``experts`` (int32 [C], any C experts of the layer, e.g. of similar row counts)
-    as one batched matmul: each gets its rows gathered into a ``[capacity, H]`` slab (zero rows
-    after its last one; capacity at least its row count), so the matmuls cover C x capacity rows.
-    Their weights are taken from the layer's stacks inside the program (a copy of C experts,
-    bounded by EXPERT_STACK_BYTES through C) and contracted in checkpoint orientation. Results are
-    written into the accumulators ``acc = (y_sorted [T*k, H], down inputs [T*k, I] | None)``
-    (donated: updated in place, no full-size temporary per chunk). Same results and roundings per
-    row as :func:`experts_chunk` (bf16 operands, float32 accumulation, bf16 result); padded rows
-    are left out of every statistic and of the output. Returns (acc, down_input_amax f32 [C])."""
+                         acc, *, act_name: str, capacity: int, skip: int = 0):
+    """Experts as one batched matmul: each gets rows ``[skip, skip + capacity)`` of its own
+    gathered into a ``[capacity, H]`` slab (zero rows past its last one), so the matmuls cover C x
+    capacity rows. ``experts``: int32 [C], any C experts of the layer (e.g. of similar row counts),
+    their weights gathered from the layer's stacks inside the program (a copy of C experts, bounded
+    by EXPERT_STACK_BYTES through C); or None: every expert, the stacks used as they are (no copy).
+    Weights are contracted in checkpoint orientation. Results are written into the accumulators
+    ``acc = (y_sorted [T*k, H], down inputs [T*k, I] | None)`` (donated: updated in place, no
+    full-size temporary per chunk). Same results and roundings per row as :func:`experts_chunk`
+    (bf16 operands, float32 accumulation, bf16 result); padded rows are left out of every
+    statistic and of the output. Returns (acc, down_input_amax f32 [C] over these rows)."""
     x_sorted, group_sizes = dispatch.x_sorted, dispatch.group_sizes
     dtype = x_sorted.dtype
-    c = experts.shape[0]
     act = activation(act_name)
-    gate, up, down = (a[experts] for a in stacks)
+    if experts is None:
+        experts = jnp.arange(stacks.num_experts, dtype=jnp.int32)
+        gate, up, down = stacks
+    else:
+        gate, up, down = (a[experts] for a in stacks)
+    c = experts.shape[0]
     offsets = jnp.cumsum(group_sizes) - group_sizes  # first sorted row of each expert
     chunk_sizes, chunk_offsets = group_sizes[experts], offsets[experts]
-    slot = jnp.arange(capacity, dtype=jnp.int32)
+    slot = skip + jnp.arange(capacity, dtype=jnp.int32)
     valid = slot[None, :] < chunk_sizes[:, None]  # [C, cap]
     num_rows = x_sorted.shape[0]
     rows = jnp.where(valid, chunk_offsets[:, None] + slot[None, :], num_rows)  # padded: out of range
@@ -230,7 +235,7 @@ def experts_chunk_padded(dispatch: Dispatch, experts, stacks: ExpertStacks, in_a
     h = act(_padded_matmul(x, gate, dtype)) * _padded_matmul(x, up, dtype)
     h = jnp.where(valid[..., None], h, jnp.zeros((), dtype))
     row_amax = jnp.max(jnp.abs(h), axis=-1).astype(jnp.float32)
-    down_amax = jnp.where(chunk_sizes > 0, jnp.max(jnp.where(valid, row_amax, 0.0), axis=-1), 0.0)
+    down_amax = jnp.max(jnp.where(valid, row_amax, 0.0), axis=-1)
     y_acc, h_acc = acc
     flat_rows = rows.reshape(-1)
     if h_acc is not None:
@@ -243,7 +248,7 @@ def experts_chunk_padded(dispatch: Dispatch, experts, stacks: ExpertStacks, in_a
     return (y_acc, h_acc), down_amax.astype(jnp.float32)
 
 
-experts_chunk_padded_jit = exact_jit(experts_chunk_padded, static_argnames=("act_name", "capacity"),
+experts_chunk_padded_jit = exact_jit(experts_chunk_padded, static_argnames=("act_name", "capacity", "skip"),
                                      donate_argnames=("acc",))
 
 MOE_MATMUL_ENV = "NVFP4_MOE_MATMUL"  # auto (default) | padded | ragged: forces one path (benchmarks)
@@ -264,18 +269,64 @@ def padded_capacity(rows: int) -> int:
     return cap
 
 
-def expert_matmul_plan(group_sizes: np.ndarray, chunk: int, num_rows: int) -> list | None:
-    """The padded batched matmuls of a batch: ``[(experts int32 [C], capacity), ...]``, or None for
-    ragged_dot over contiguous chunks of ``chunk`` experts.
+class PaddedStep(NamedTuple):
+    """One padded program of a batch: rows ``[skip, skip + capacity)`` of each of ``experts``
+    (int32 [C], weights gathered from the stacks), or of every expert (``experts`` None: the
+    stacks as they are)."""
 
-    Experts are taken in descending row count (stable), ``chunk`` at a time, so each chunk's
-    experts have similar row counts and its capacity (that of its largest, `padded_capacity`)
-    wastes few rows even when the routing is skewed; chunks whose experts all have no rows are not
-    run. Every chunk has ``chunk`` experts except a last one of ``E mod chunk``, so the compiled
-    shapes are (C, capacity) pairs, few across batches. Padded when every chunk has
-    ``C x capacity <= PADDED_ROWS_FACTOR x num_rows``, num_rows being the rows one ragged_dot
-    call is given (the whole expert-sorted row array), so padded slabs never exceed 4x the sorted
-    row array; a routing so skewed that one chunk exceeds it falls back to ragged_dot.
+    experts: np.ndarray | None
+    capacity: int
+    skip: int
+
+
+def gather_cost_rows() -> int:
+    """What gathering one expert's weights costs, in rows of its matmuls: a copy reads and writes
+    its 2P bytes, a row of its matmuls is 2P FLOPs, so about 2 x FLOP rate / memory bandwidth.
+    GPU and TPU: about 2 x 700 TFLOP/s / 4.8 TB/s (H200), some 300; this CPU: 2 x 90 GFLOP/s
+    (measured, 2 cores) / about 10 GB/s, some 20."""
+    return 16 if jax.default_backend() == "cpu" else 256
+
+
+def _hot_chunks(sizes: np.ndarray, skip: int, chunk: int, num_rows: int, force: str) -> list | None:
+    """Padded steps for the rows past ``skip`` of every expert that has some: those experts in
+    descending count of such rows, ``chunk`` at a time, each chunk with the capacity of its
+    largest; a last chunk is padded up to a power of two (or ``chunk``) with experts that have no
+    such rows, so the compiled shapes stay few. None when a chunk exceeds the padded-rows rule."""
+    over = np.maximum(sizes - skip, 0)
+    order = np.argsort(-over, kind="stable").astype(np.int32)
+    hot = int(np.count_nonzero(over))
+    steps = []
+    for i in range(0, hot, chunk):
+        n = min(chunk, hot - i)
+        n = min(chunk, len(order) - i, 1 << (n - 1).bit_length())  # padded: experts with no rows here
+        experts = order[i:i + n]
+        cap = padded_capacity(int(over[experts].max()))
+        if force != "padded" and n * cap > PADDED_ROWS_FACTOR * num_rows:
+            return None
+        steps.append(PaddedStep(experts, cap, skip))
+    return steps
+
+
+def _steps_rows(steps: list, num_experts: int, gather_rows: int) -> int:
+    """A plan's cost in matmul rows: its slabs plus gathered experts at gather_rows each."""
+    return sum((num_experts if s.experts is None else len(s.experts)) * s.capacity
+               + (0 if s.experts is None else gather_rows * len(s.experts)) for s in steps)
+
+
+def expert_matmul_plan(group_sizes: np.ndarray, chunk: int, num_rows: int,
+                       gather_rows: int | None = None) -> list | None:
+    """The padded batched matmuls of a batch (:class:`PaddedStep` list), or None for ragged_dot
+    over contiguous chunks of ``chunk`` experts.
+
+    Two tiers: first every expert's rows up to a common capacity c1 in one program on the stacks
+    as they are (no weight copy), then the rows past c1 of the busier experts (:func:`_hot_chunks`,
+    their weights gathered, ``chunk`` a program, experts of similar counts together), so a skewed
+    routing pads only the chunks of its busiest experts. c1 is the ladder capacity
+    (`padded_capacity`) of least cost in rows (slab rows plus ``gather_rows`` per gathered expert,
+    default :func:`gather_cost_rows`), 0 being no first tier (every expert with rows gathered);
+    capacities on the ladder keep the compiled shapes few across batches. Padded steps must each
+    have ``C x capacity <= PADDED_ROWS_FACTOR x num_rows``, num_rows being the rows one ragged_dot
+    call is given (the whole expert-sorted row array), else ragged_dot is used.
     ``NVFP4_MOE_MATMUL=padded|ragged`` forces one path.
     """
     import os
@@ -283,19 +334,28 @@ def expert_matmul_plan(group_sizes: np.ndarray, chunk: int, num_rows: int) -> li
     force = os.environ.get(MOE_MATMUL_ENV, "auto")
     if force == "ragged":
         return None
-    sizes = np.asarray(group_sizes)
-    order = np.argsort(-sizes, kind="stable").astype(np.int32)
-    plan = []
-    for i in range(0, len(order), chunk):
-        experts = order[i:i + chunk]
-        largest = int(sizes[experts].max(initial=0))
-        if largest == 0:
-            break  # this chunk and every later one: experts without rows
-        cap = padded_capacity(largest)
-        if force != "padded" and len(experts) * cap > PADDED_ROWS_FACTOR * num_rows:
-            return None
-        plan.append((experts, cap))
-    return plan
+    sizes = np.asarray(group_sizes).astype(np.int64)
+    num_experts = len(sizes)
+    gather_rows = gather_cost_rows() if gather_rows is None else gather_rows
+    largest = int(sizes.max(initial=0))
+    if largest == 0:
+        return []
+    best = None
+    candidates = [0]
+    while candidates[-1] < largest:
+        candidates.append(padded_capacity(candidates[-1] + 1))
+    for c1 in candidates:
+        steps = [] if c1 == 0 else [PaddedStep(None, c1, 0)]
+        if c1 and force != "padded" and num_experts * c1 > PADDED_ROWS_FACTOR * num_rows:
+            break  # larger c1 only grow the first tier
+        hot = _hot_chunks(sizes, c1, chunk, num_rows, force) if c1 < largest else []
+        if hot is None:
+            continue
+        steps += hot
+        cost = _steps_rows(steps, num_experts, gather_rows)
+        if best is None or cost < best[0]:
+            best = (cost, steps)
+    return None if best is None else best[1]
 
 
 def auto_chunk(stacks: ExpertStacks) -> int:
@@ -332,15 +392,13 @@ def run_experts(dispatch: Dispatch, stacks: ExpertStacks, in_amax: ExpertInputAm
             down_amax.append(d)
         down_amax = jnp.concatenate(down_amax)
     else:
-        experts, parts = [], []
-        for chunk_experts, cap in plan:
-            acc, d = experts_chunk_padded_jit(dispatch, jnp.asarray(chunk_experts), stacks, in_amax, acc,
-                                              act_name=act_name, capacity=cap)
-            experts.append(chunk_experts)
-            parts.append(d)
-        down_amax = jnp.zeros((num_experts,), jnp.float32)
-        if parts:  # experts without rows keep 0
-            down_amax = down_amax.at[np.concatenate(experts)].set(jnp.concatenate(parts))
+        down_amax = jnp.zeros((num_experts,), jnp.float32)  # experts without rows keep 0
+        for step in plan:
+            experts = None if step.experts is None else jnp.asarray(step.experts)
+            acc, d = experts_chunk_padded_jit(dispatch, experts, stacks, in_amax, acc, act_name=act_name,
+                                              capacity=step.capacity, skip=step.skip)
+            # an expert's rows may span both tiers: its down input amax is the max of the two (exact)
+            down_amax = down_amax.at[np.arange(num_experts) if experts is None else experts].max(d)
     y_sorted, down_inputs = acc
     if collect_hessian:
         return y_sorted, down_amax, _down_hessian_jit(down_inputs, dispatch.expert_sorted, num_experts=num_experts)
