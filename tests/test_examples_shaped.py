@@ -185,3 +185,21 @@ def test_bench_marginal_and_projection_arithmetic():
     p1 = bench.projection_row(runs[:1], [], 102e9)
     assert p1["wall_s"] == pytest.approx(30.0 * 51) and p1["cp_s"] == pytest.approx(51.0)
     assert bench.marginal_rows(runs[:1]) == []
+
+
+@pytest.mark.parametrize("cache", ["off", "CACHE"])
+def test_bench_warms_the_compile_cache_before_timed_runs_only_with_a_cache(tmp_path, monkeypatch, cache):
+    calls = []
+
+    def fake_run(work, nl, experts, calib, keep):
+        calls.append((nl, keep))
+        return _run(nl, 2.0 * nl, 10.0 * nl, 1.0 * nl, {"read": 1.0, "total": 5.0 * nl})
+
+    monkeypatch.setattr(bench, "_bench_run", fake_run)
+    monkeypatch.setattr(bench, "_run_line", lambda r: f"run L={r['layers']}")
+    cache = str(tmp_path / "cc") if cache == "CACHE" else cache
+    rows = bench.bench_convert(layers=(3, 2), experts=4, calib=(1, 8), workdir=tmp_path / "w", compile_cache=cache)
+    timed = [(2, False), (3, False)]
+    # with a cache: the smallest checkpoint converted once first, its source kept for the timed run
+    assert calls == (timed if cache == "off" else [(2, True)] + timed)
+    assert [r["layers"] for r in rows if r["kind"] == "run"] == [2, 3]  # the warm-up is no row

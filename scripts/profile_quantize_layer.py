@@ -1,0 +1,64 @@
+"""Where the quantize phase of a Kimi-K2-shaped MoE layer spends its time: the whole
+``layer_quant.quantize_layer`` call (the phase minus input scales) against its steps timed one by
+one with a device sync after each (weight amax, quantize, reconstruction error, the one
+device-to-host transfer, the numpy views), and the kernel alone (numerics.quantize of each chunk).
+Times of the 2nd and 3rd call (compilations excluded). Usage:
+python scripts/profile_quantize_layer.py [workdir] [experts] (builds the source there)."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nvfp4_jax import layer_quant, numerics
+from nvfp4_jax.checkpoint.reader import CheckpointReader
+from nvfp4_jax.examples import build_kimi_k2_shaped
+from nvfp4_jax.models import get_family
+
+
+def timed(fn, repeats=3):
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(round(time.perf_counter() - t, 4))
+    return out[1:]
+
+
+def main():
+    work = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/profq")
+    experts = int(sys.argv[2]) if len(sys.argv) > 2 else 384
+    src = work / f"src-E{experts}"
+    if not src.is_dir():
+        build_kimi_k2_shaped(src, layers=2, experts=experts)
+    reader = CheckpointReader(src)
+    fam = get_family(reader.config)
+    params = fam.read_layer(reader, 1, dtype=jnp.bfloat16)
+    weights = {n[:-len(".weight")]: v for n, v in params.items()
+               if n.endswith(".weight") and v.ndim == 2 and "layernorm" not in n and ".gate." not in n}
+    jax.block_until_ready(weights)
+    gb = sum(v.size * v.dtype.itemsize for v in weights.values()) / 1e9
+    chunks = layer_quant._chunks(weights, sorted(weights), layer_quant.EXPERT_CHUNK)
+    stacked = [tuple(weights[m] for m in b) for b in chunks]
+    rows = {"linears": len(weights), "bf16_GB": round(gb, 2), "chunks": len(chunks)}
+    rows["quantize_layer_s"] = timed(lambda: layer_quant.quantize_layer(weights))
+    rows["amax_s"] = timed(lambda: [layer_quant._chunk_amax(ws) for ws in stacked])
+    amax = [layer_quant._chunk_amax(ws) for ws in stacked]
+    rows["quantize_kernels_s"] = timed(lambda: [layer_quant._chunk_quantize(ws, a) for ws, a in zip(stacked, amax)])
+    q = [layer_quant._chunk_quantize(ws, a) for ws, a in zip(stacked, amax)]
+    rows["error_s"] = timed(lambda: [layer_quant._chunk_error(ws, r) for ws, r in zip(stacked, q)])
+    rows["device_get_s"] = timed(lambda: jax.device_get(q))
+    host = jax.device_get(q)
+    rows["numpy_views_s"] = timed(lambda: [np.asarray(r.weight[j]) for r in host for j in range(r.weight.shape[0])])
+    single = jax.jit(lambda w, a: numerics.quantize(w, a, check=False))
+    one = stacked[0][0]
+    rows["one_weight_quantize_s"] = timed(lambda: single(one, jnp.float32(1.0)))
+    print(json.dumps(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
