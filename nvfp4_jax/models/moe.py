@@ -184,25 +184,41 @@ def experts_chunk(dispatch: Dispatch, start, stacks: ExpertStacks, in_amax: Expe
 experts_chunk_jit = exact_jit(experts_chunk, static_argnames=("act_name",))
 
 
-def _experts_range(dispatch: Dispatch, start, stacks: ExpertStacks, in_amax: ExpertInputAmax | None, acc, *,
-                   size: int, act_name: str):
-    """:func:`experts_chunk` of experts [start, start+size) sliced from the layer's stacks inside
+class ChunkShape(NamedTuple):
+    """The static part of one chunk program (part of its compile key): the activation, and the
+    chunk's expert count (ragged range) or slab capacity (padded)."""
+
+    act_name: str
+    rows: int
+
+
+def _experts_range(dispatch: Dispatch, start, stacks: ExpertStacks, in_amax: ExpertInputAmax | None, acc,
+                   shape: ChunkShape):
+    """:func:`experts_chunk` of experts [start, start + shape.rows) sliced from the layer's stacks inside
     the program, its rows added into the accumulators ``acc = (y_sorted, down inputs | None)``
     (donated: updated in place; rows of different chunks are disjoint, so the adds are exact)."""
     def cut(a):
-        return jax.lax.dynamic_slice_in_dim(a, start, size)
+        return jax.lax.dynamic_slice_in_dim(a, start, shape.rows)
 
     hook = None if in_amax is None else ExpertInputAmax(*map(cut, in_amax))
-    y, down_amax, h = experts_chunk(dispatch, start, ExpertStacks(*map(cut, stacks)), hook, act_name=act_name)
+    y, down_amax, h = experts_chunk(dispatch, start, ExpertStacks(*map(cut, stacks)), hook, act_name=shape.act_name)
     y_acc, h_acc = acc
     return (y_acc + y, None if h_acc is None else h_acc + h), down_amax
 
 
-_experts_range_jit = exact_jit(_experts_range, static_argnames=("size", "act_name"), donate_argnames=("acc",))
+_experts_range_jit = exact_jit(_experts_range, static_argnames=("shape",), donate_argnames=("acc",))
 
 
-def experts_chunk_padded(dispatch: Dispatch, experts, stacks: ExpertStacks, in_amax: ExpertInputAmax | None,
-                         acc, *, act_name: str, capacity: int, skip: int = 0):
+class SlabRows(NamedTuple):
+    """Which rows a padded program takes: rows ``[skip, skip + capacity)`` of each of ``experts``
+    (int32 [C]; None: every expert of the stacks). Both traced: not part of the compile key."""
+
+    experts: jax.Array | None
+    skip: jax.Array  # int32 []
+
+
+def experts_chunk_padded(dispatch: Dispatch, slab_rows: SlabRows, stacks: ExpertStacks,
+                         in_amax: ExpertInputAmax | None, acc, shape: ChunkShape):
     """Experts as one batched matmul: each gets rows ``[skip, skip + capacity)`` of its own
     gathered into a ``[capacity, H]`` slab (zero rows past its last one), so the matmuls cover C x
     capacity rows. ``experts``: int32 [C], any C experts of the layer (e.g. of similar row counts),
@@ -212,10 +228,12 @@ def experts_chunk_padded(dispatch: Dispatch, experts, stacks: ExpertStacks, in_a
     ``acc = (y_sorted [T*k, H], down inputs [T*k, I] | None)`` (donated: updated in place, no
     full-size temporary per chunk). Same results and roundings per row as :func:`experts_chunk`
     (bf16 operands, float32 accumulation, bf16 result); padded rows are left out of every
-    statistic and of the output. Returns (acc, down_input_amax f32 [C] over these rows)."""
+    statistic and of the output. ``shape.rows`` is the capacity. Returns (acc, down_input_amax f32
+    [C] over these rows)."""
     x_sorted, group_sizes = dispatch.x_sorted, dispatch.group_sizes
     dtype = x_sorted.dtype
-    act = activation(act_name)
+    act = activation(shape.act_name)
+    capacity, experts = shape.rows, slab_rows.experts
     if experts is None:
         experts = jnp.arange(stacks.num_experts, dtype=jnp.int32)
         gate, up, down = stacks
@@ -224,7 +242,7 @@ def experts_chunk_padded(dispatch: Dispatch, experts, stacks: ExpertStacks, in_a
     c = experts.shape[0]
     offsets = jnp.cumsum(group_sizes) - group_sizes  # first sorted row of each expert
     chunk_sizes, chunk_offsets = group_sizes[experts], offsets[experts]
-    slot = skip + jnp.arange(capacity, dtype=jnp.int32)
+    slot = slab_rows.skip + jnp.arange(capacity, dtype=jnp.int32)
     valid = slot[None, :] < chunk_sizes[:, None]  # [C, cap]
     num_rows = x_sorted.shape[0]
     rows = jnp.where(valid, chunk_offsets[:, None] + slot[None, :], num_rows)  # padded: out of range
@@ -248,8 +266,7 @@ def experts_chunk_padded(dispatch: Dispatch, experts, stacks: ExpertStacks, in_a
     return (y_acc, h_acc), down_amax.astype(jnp.float32)
 
 
-experts_chunk_padded_jit = exact_jit(experts_chunk_padded, static_argnames=("act_name", "capacity", "skip"),
-                                     donate_argnames=("acc",))
+experts_chunk_padded_jit = exact_jit(experts_chunk_padded, static_argnames=("shape",), donate_argnames=("acc",))
 
 MOE_MATMUL_ENV = "NVFP4_MOE_MATMUL"  # auto (default) | padded | ragged: forces one path (benchmarks)
 # padded slabs may hold up to this many times the sorted rows: measured on an H200 (2026-12-02, a
@@ -388,15 +405,15 @@ def run_experts(dispatch: Dispatch, stacks: ExpertStacks, in_amax: ExpertInputAm
         down_amax = []
         for start in range(0, num_experts, chunk):
             acc, d = _experts_range_jit(dispatch, jnp.int32(start), stacks, in_amax, acc,
-                                        size=min(chunk, num_experts - start), act_name=act_name)
+                                        shape=ChunkShape(act_name, min(chunk, num_experts - start)))
             down_amax.append(d)
         down_amax = jnp.concatenate(down_amax)
     else:
         down_amax = jnp.zeros((num_experts,), jnp.float32)  # experts without rows keep 0
         for step in plan:
             experts = None if step.experts is None else jnp.asarray(step.experts)
-            acc, d = experts_chunk_padded_jit(dispatch, experts, stacks, in_amax, acc, act_name=act_name,
-                                              capacity=step.capacity, skip=step.skip)
+            acc, d = experts_chunk_padded_jit(dispatch, SlabRows(experts, jnp.int32(step.skip)), stacks, in_amax,
+                                              acc, shape=ChunkShape(act_name, step.capacity))
             # an expert's rows may span both tiers: its down input amax is the max of the two (exact)
             down_amax = down_amax.at[np.arange(num_experts) if experts is None else experts].max(d)
     y_sorted, down_inputs = acc
