@@ -81,6 +81,13 @@ def bare_matmul(shapes: list, dtype, repeats: int) -> dict:
     return {"bare_matmul_s": timed(lambda: matmuls(xs, ws), repeats), "gflop": round(flops / 1e9, 1)}
 
 
+def _plan_text(plan) -> object:
+    """[experts ("all" or a count), capacity, skip] per padded program; "ragged" for ragged_dot."""
+    if plan is None:
+        return "ragged"
+    return [["all" if st.experts is None else len(st.experts), st.capacity, st.skip] for st in plan]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/prof")
@@ -109,12 +116,22 @@ def main() -> None:
         t = time.perf_counter()
         kwargs["experts"] = jax.block_until_ready(fam.expert_stacks(1, p1, dtype))
         print(json.dumps({"stack_once_s": round(time.perf_counter() - t, 4)}), flush=True)
+    plans = []
+    real_plan = getattr(moe, "expert_matmul_plan", None)  # older code: chunk_matmul_plan, not recorded
+    if real_plan is not None:
+        def recorded_plan(*a, **k):
+            plans.append(real_plan(*a, **k))
+            return plans[-1]
+
+        moe.expert_matmul_plan = recorded_plan
     for mode in args.modes:
         os.environ[moe.MOE_MATMUL_ENV] = mode
+        plans.clear()
         first = timed(lambda: fam.layer_forward(1, p1, h, dtype=dtype, **kwargs)[0], 1)
         again = timed(lambda: fam.layer_forward(1, p1, h, dtype=dtype, **kwargs)[0], args.repeats)
         print(json.dumps({"mode": mode, "experts": args.experts, "tokens": int(tokens.size),
-                          "first_call_s": first[0], "layer_forward_s": again}), flush=True)
+                          "first_call_s": first[0], "layer_forward_s": again,
+                          "plan": _plan_text(plans[-1]) if plans else None}), flush=True)
     row = bare_matmul(layer_matmul_shapes(fam, 1, p1, int(tokens.size)), dtype, args.repeats)
     print(json.dumps({"experts": args.experts, "tokens": int(tokens.size), **row}), flush=True)
 
