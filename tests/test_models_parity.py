@@ -371,3 +371,28 @@ def test_padded_matmul_rule(monkeypatch):
     assert steps(moe.expert_matmul_plan(spread, 64, 10, gather_rows=16)) == [(list(range(10)) + list(range(10, 16)), 16, 0)]
     monkeypatch.setenv(moe.MOE_MATMUL_ENV, "ragged")
     assert moe.expert_matmul_plan(sizes, 2, 246) is None
+
+
+def test_stacks_built_once_serve_every_batch(checkpoints):
+    """layer_forward with the layer's experts stacked once (family.expert_stacks, as calibration
+    passes them) gives the bytes of the per-call stacking on two different batches; stacks of
+    another expert count are refused; a dense layer has no stacks."""
+    import jax
+
+    path = checkpoints("deepseek_v3")
+    family = get_family(mf.read_config(path))
+    params = mf.load_params(path, family, jnp.bfloat16)
+    stacks = family.expert_stacks(1, params, jnp.bfloat16)
+    assert family.expert_stacks(0, params, jnp.bfloat16) is None
+    assert stacks.gate.shape[0] == family.spec.num_experts and stacks.gate.dtype == jnp.bfloat16
+    ids = _input_ids()
+    for batch in (ids, ids[:, ::-1].copy()):
+        hidden = family.embed(params, batch, dtype=jnp.bfloat16)
+        (a, sa), (b, sb) = (family.layer_forward(1, params, hidden, dtype=jnp.bfloat16, experts=s)
+                            for s in (None, stacks))
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        for x, y in zip(jax.tree.leaves(jax.device_get(sa)), jax.tree.leaves(jax.device_get(sb))):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    fewer = type(stacks)(*(s[:-1] for s in stacks))
+    with pytest.raises(ModelConfigError, match="stacked experts"):
+        family.layer_forward(1, params, hidden, dtype=jnp.bfloat16, experts=fewer)
