@@ -354,21 +354,25 @@ def test_padded_matmul_rule(monkeypatch):
     def steps(plan):
         return [(None if s.experts is None else list(s.experts), s.capacity, s.skip) for s in plan]
 
-    # costs (gather 16 rows an expert): c1=0: [4,1] 256, [0,3] 16, [5] 16 -> 512+32+16+5x16 = 640;
-    # c1=16: 128 + [4,1] past 16 (184, 14) 192 -> 128+384+32 = 544; c1=32: 256 + [4] (168) 192 + 16
-    # = 464; c1=48: 384+192+16 = 592; c1=96: 768+128+16 = 912; c1=128: 8 x 128 > 4 x 246: stop
-    assert steps(moe.expert_matmul_plan(sizes, 2, 246, gather_rows=16)) == [(None, 32, 0), ([4], 192, 32)]
+    # costs (gather 16 rows an expert): c1=0: [4] 256 alone (its middle-of-2 neighbour, 30 rows,
+    # needs 32 < 256 / 2), then [1,0] 32, [3,5] 16 -> 256+64+32+5x16 = 432; c1=16: 128, then past
+    # 16: [4] (184 rows) 192 alone, [1] (14) 16 -> 128+192+16+2x16 = 368; c1=32: 256+192+16 = 464;
+    # c1=48: 384+192+16 = 592; c1=96: 768+128+16 = 912; c1=128: 8 x 128 > 4 x 246: stop
+    assert steps(moe.expert_matmul_plan(sizes, 2, 246, gather_rows=16)) == [(None, 16, 0), ([4], 192, 16),
+                                                                            ([1], 16, 16)]
     # gathers so dear that one tier covers every row, where the rule lets 8 x 256 rows be padded
     assert steps(moe.expert_matmul_plan(sizes, 4, 600, gather_rows=10_000)) == [(None, 256, 0)]
-    # without a first tier (gathers cheap): the last chunk of busy experts padded to a power of two
-    seven = np.array([5] * 7 + [0] * 3, np.int64)  # 10 x 16 > 4 x 35: no first tier; 3 left -> 4 (expert 7)
+    # no first tier (10 x 16 > 4 x 35): chunks of 4, the last 3 busy experts padded to 4 (expert 7)
+    seven = np.array([5] * 7 + [0] * 3, np.int64)
     assert steps(moe.expert_matmul_plan(seven, 4, 35)) == [([0, 1, 2, 3], 16, 0), ([4, 5, 6, 7], 16, 0)]
     assert moe.expert_matmul_plan(np.zeros(8, np.int64), 2, 0) == []
     # 10 rows over 64 experts: 64 x 16 > 4 x 10, and one chunk of 16 x 16 too: ragged
     spread = np.array([1] * 10 + [0] * 54, np.int64)
     assert moe.expert_matmul_plan(spread, 64, 10) is None
     monkeypatch.setenv(moe.MOE_MATMUL_ENV, "padded")
-    assert steps(moe.expert_matmul_plan(spread, 64, 10, gather_rows=16)) == [(list(range(10)) + list(range(10, 16)), 16, 0)]
+    # forced: the 10 busy experts and 6 without rows, a power of two (16 x 16 rows + 16 gathers
+    # against 64 x 16 for a first tier)
+    assert steps(moe.expert_matmul_plan(spread, 64, 10, gather_rows=16)) == [(list(range(16)), 16, 0)]
     monkeypatch.setenv(moe.MOE_MATMUL_ENV, "ragged")
     assert moe.expert_matmul_plan(sizes, 2, 246) is None
 

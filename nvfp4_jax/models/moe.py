@@ -304,23 +304,32 @@ def gather_cost_rows() -> int:
     return 16 if jax.default_backend() == "cpu" else 256
 
 
+def _needed_capacity(rows: int) -> int:
+    return padded_capacity(rows) if rows else 0
+
+
 def _hot_chunks(sizes: np.ndarray, skip: int, chunk: int, num_rows: int, force: str) -> list | None:
     """Padded steps for the rows past ``skip`` of every expert that has some: those experts in
-    descending count of such rows, ``chunk`` at a time, each chunk with the capacity of its
-    largest; a last chunk is padded up to a power of two (or ``chunk``) with experts that have no
-    such rows, so the compiled shapes stay few. None when a chunk exceeds the padded-rows rule."""
+    descending count of such rows, each step's capacity that of its first (largest). A step takes
+    ``chunk`` experts, or the largest power of two below it whose middle expert needs at least half
+    that capacity (so one busy expert is not padded with many smaller ones: a skewed routing's
+    busiest experts run alone or in small steps); a step may run past the last such expert into
+    experts without rows there (padding), so the compiled shapes stay (power of two or chunk,
+    capacity) pairs. None when a step exceeds the padded-rows rule."""
     over = np.maximum(sizes - skip, 0)
     order = np.argsort(-over, kind="stable").astype(np.int32)
     hot = int(np.count_nonzero(over))
+    counts = [chunk] + [1 << b for b in range(chunk.bit_length() - 1, -1, -1) if 1 << b < chunk]
     steps = []
-    for i in range(0, hot, chunk):
-        n = min(chunk, hot - i)
-        n = min(chunk, len(order) - i, 1 << (n - 1).bit_length())  # padded: experts with no rows here
-        experts = order[i:i + n]
-        cap = padded_capacity(int(over[experts].max()))
+    i = 0
+    while i < hot:
+        cap = padded_capacity(int(over[order[i]]))
+        n = next(n for n in counts if n <= len(order) - i
+                 and (n == 1 or cap <= 2 * _needed_capacity(int(over[order[i + n // 2]]))))
         if force != "padded" and n * cap > PADDED_ROWS_FACTOR * num_rows:
             return None
-        steps.append(PaddedStep(experts, cap, skip))
+        steps.append(PaddedStep(order[i:i + n], cap, skip))
+        i += n
     return steps
 
 
@@ -337,8 +346,8 @@ def expert_matmul_plan(group_sizes: np.ndarray, chunk: int, num_rows: int,
 
     Two tiers: first every expert's rows up to a common capacity c1 in one program on the stacks
     as they are (no weight copy), then the rows past c1 of the busier experts (:func:`_hot_chunks`,
-    their weights gathered, ``chunk`` a program, experts of similar counts together), so a skewed
-    routing pads only the chunks of its busiest experts. c1 is the ladder capacity
+    their weights gathered, at most ``chunk`` a program, experts of similar counts together), so a
+    skewed routing pads only the programs of its busiest experts. c1 is the ladder capacity
     (`padded_capacity`) of least cost in rows (slab rows plus ``gather_rows`` per gathered expert,
     default :func:`gather_cost_rows`), 0 being no first tier (every expert with rows gathered);
     capacities on the ladder keep the compiled shapes few across batches. Padded steps must each
