@@ -263,7 +263,8 @@ def _bench_run(work: Path, nl: int, experts: int, calib, keep: bool) -> dict:
             "cp_s": cp_s, "cp_GBps": gb / cp_s, "cat_s": cat_s, "cat_GBps": gb / cat_s,
             "wall_s": wall, "source_GBps": gb / wall, "wall_over_cp": wall / cp_s,
             "phases_s": phases, "phase_sum_s": phase_sum, "overlap": overlap, "peak_rss_MB": report["peak_rss_mb"],
-            "compile_cache": report.get("compile_cache")}
+            "compile_cache": report.get("compile_cache"), "baselines": report.get("baselines", {}),
+            "phase_over_baseline": baseline_ratios(phases, report.get("baselines", {}))}
 
 
 def _convert_in_child(src: Path, out: Path, calib) -> tuple[float, dict]:
@@ -280,11 +281,13 @@ def _convert_in_child(src: Path, out: Path, calib) -> tuple[float, dict]:
 
 
 _CACHE_ENV = "NVFP4_BENCH_COMPILE_CACHE"
+NO_OVERLAP_ENV = "NVFP4_BENCH_NO_OVERLAP"  # 1: the timed conversions run with --no-overlap (phases alone)
 
 
 def _convert_child(argv: list[str]) -> None:
     """The conversion of one bench run: ``argv`` = src, out, samples, tokens per sample; the
-    compile cache from the bench's --compile-cache (off: every run compiles from scratch)."""
+    compile cache from the bench's --compile-cache (off: every run compiles from scratch). Then,
+    in the same process, every baseline of CHILD_BASELINES (the report's ``baselines``)."""
     from nvfp4_jax import compile_cache
     from nvfp4_jax.examples import calibration_samples
     from nvfp4_jax.pipeline import ConvertOptions, convert
@@ -293,8 +296,95 @@ def _convert_child(argv: list[str]) -> None:
 
     src, out, samples, seq_len = argv
     tokens = calibration_samples(src, int(samples), int(seq_len))
-    report = convert(src, out, ConvertOptions(calib_tokens=tokens, overwrite=True, progress=False), log=lambda m: None)
+    overlap = os.environ.get(NO_OVERLAP_ENV, "") in ("", "0")
+    report = convert(src, out, ConvertOptions(calib_tokens=tokens, overwrite=True, progress=False, overlap=overlap),
+                     log=lambda m: None)
+    report["baselines"] = {name: fn(Path(src), Path(out)) for name, fn in CHILD_BASELINES.items()}
     print("REPORT" + json.dumps(report))
+
+
+def _quantized_modules_by_layer(out: Path) -> dict[int, list[str]]:
+    """The modules the conversion quantized (those with a weight_scale_2 in ``out``), per layer."""
+    import re
+
+    from nvfp4_jax.checkpoint.safetensors_io import scan_checkpoint
+
+    by_layer: dict[int, list[str]] = {}
+    for name in scan_checkpoint(out).tensors:
+        if name.endswith(".weight_scale_2"):
+            m = name[: -len(".weight_scale_2")]
+            layer = re.search(r"layers\.(\d+)\.", m)
+            by_layer.setdefault(int(layer.group(1)) if layer else -1, []).append(m)
+    return {k: sorted(v) for k, v in sorted(by_layer.items())}
+
+
+def _quantized_weights_per_layer(src: Path, out: Path):
+    """(modules, {module: weight}) per layer of the weights the conversion quantized, decoded from
+    ``src`` as the conversion reads them (bf16), ready on device."""
+    from nvfp4_jax.checkpoint.reader import CheckpointReader
+
+    reader = CheckpointReader(src)
+    try:
+        for mods in _quantized_modules_by_layer(out).values():
+            weights = {m: reader.get(f"{m}.weight", jnp.bfloat16) for m in mods}
+            yield mods, jax.block_until_ready(weights)
+    finally:
+        reader.close()
+
+
+def quantize_kernels_baseline(src: Path, out: Path) -> dict:
+    """The quantize phase's kernels alone, on the weights the conversion quantized: per layer, the
+    weights (read untimed), their amax (untimed), then :func:`numerics.quantize` with that amax,
+    jitted afresh (one compilation per weight shape and chunk size, timed), in the chunks the phase
+    uses (:func:`layer_quant._chunks`, stacked inside the jit where a chunk has several weights),
+    until every result is ready."""
+    from nvfp4_jax import layer_quant
+
+    jax.clear_caches()  # the conversion's compilations are not the baseline's
+
+    @jax.jit
+    def kernel(ws, amax):
+        return numerics.quantize(ws[0] if len(ws) == 1 else jnp.stack(ws), amax, check=False)
+
+    seconds, count = 0.0, 0
+    for mods, weights in _quantized_weights_per_layer(src, out):
+        chunks = layer_quant._chunks(weights, mods, layer_quant.chunk_bytes())
+        amax = [np.asarray(jax.device_get(layer_quant._chunk_amax(tuple(weights[m] for m in b)))) for b in chunks]
+        t = time.perf_counter()
+        results = [kernel(tuple(weights[m] for m in b), a if len(b) > 1 else a[0]) for b, a in zip(chunks, amax)]
+        jax.block_until_ready(results)
+        seconds += time.perf_counter() - t
+        count += len(mods)
+    return {"phase": "quantize", "seconds": seconds, "weights": count,
+            "what": "numerics.quantize per chunk of the phase, compilation included"}
+
+
+def quantize_layer_baseline(src: Path, out: Path) -> dict:
+    """:func:`layer_quant.quantize_layer` alone (amax, quantize, squared error, the transfer) on the
+    same weights, compilations included: the phase without the pipeline around it (input scales,
+    the read-ahead thread competing for the cores)."""
+    from nvfp4_jax import layer_quant
+
+    jax.clear_caches()
+    seconds, count = 0.0, 0
+    for mods, weights in _quantized_weights_per_layer(src, out):
+        t = time.perf_counter()
+        layer_quant.quantize_layer(weights)
+        seconds += time.perf_counter() - t
+        count += len(mods)
+    return {"phase": "quantize", "seconds": seconds, "weights": count,
+            "what": "layer_quant.quantize_layer per layer, compilation included"}
+
+
+#: measurements taken in a bench run's child process after its conversion, on the same files:
+#: name -> fn(src, out) -> {"phase": the report phase it is the baseline of, "seconds": ..., ...}
+CHILD_BASELINES = {"quantize_kernels": quantize_kernels_baseline, "quantize_layer": quantize_layer_baseline}
+
+
+def baseline_ratios(phases: dict, baselines: dict) -> dict:
+    """Per baseline: its phase's seconds over the baseline's seconds."""
+    return {name: phases[b["phase"]] / b["seconds"] for name, b in baselines.items()
+            if b.get("seconds") and isinstance(phases.get(b.get("phase")), (int, float))}
 
 
 def _numeric(d: dict) -> dict:
@@ -374,7 +464,14 @@ def _run_line(r: dict) -> str:
             f"({r['cat_GBps']:.2f} GB/s)\n"
             f"  convert wall {r['wall_s']:.2f} s = {r['wall_over_cp']:.1f}x cp, {r['source_GBps']:.3f} GB/s of source; "
             f"phases (s) {_phases_text(r['phases_s'])}; phase sum {r['phase_sum_s']:.2f} s{overlap}; "
-            f"peak RSS {r['peak_rss_MB']:.0f} MB")
+            f"peak RSS {r['peak_rss_MB']:.0f} MB" + _baselines_text(r))
+
+
+def _baselines_text(r: dict) -> str:
+    """``; quantize phase / quantize_kernels 1.3x (14.2 s)`` for each baseline of the run."""
+    parts = [f"{b['phase']} phase / {name} {r['phase_over_baseline'][name]:.2f}x ({b['seconds']:.2f} s)"
+             for name, b in r.get("baselines", {}).items() if name in r.get("phase_over_baseline", {})]
+    return "".join(f"\n  {p}" for p in parts)
 
 
 def _marginal_line(m: dict) -> str:

@@ -62,6 +62,12 @@ class Coordinator:
         """Return once every process has called ``barrier(tag)`` (bounded waits)."""
         raise NotImplementedError
 
+    def explain_failure(self, error: BaseException, what: str) -> None:
+        """After ``error`` ended a program whose collectives span the processes (``what``): raise
+        the failure of the process that caused it when one failed or is gone (bounded watch),
+        else return (the caller re-raises ``error``)."""
+        return None
+
 
 class LocalCoordinator(Coordinator):
     """One process does everything."""

@@ -31,18 +31,25 @@ How the work is split, and why the result is byte-identical to a one-process run
 
 Failures never hang: every exchange goes through the coordination service's key-value store with
 bounded waits (``--timeout``, default 300 s), polled once a second, and each poll also checks the
-other processes' error keys and liveness (``get_live_nodes``; the runtime runs with
-``jax_enable_recoverability`` so that a lost process is reported to us instead of aborting
-everyone). The coordination service declares a silent process dead after its heartbeat timeout,
-a third of ``--timeout`` within 5..100 s (:func:`heartbeat_seconds`). A process that fails posts its error, and the others stop with
-``process I failed: <its error>``; one that dies (killed, crashed, host lost) is reported as
-``process I is gone``. Only a lost coordinator (process 0, which hosts the service) ends the others
-through JAX's own fatal error, within seconds.
+other processes' error keys and heartbeats. Every process has a daemon thread that bumps its
+``alive`` key once a second; a process whose key has not moved for :func:`heartbeat_seconds` (a
+third of ``--timeout`` within 5..100 s, also the coordination service's own heartbeat timeout) is
+gone. The polls never call the client's ``get_live_nodes``: it is a barrier (it returns once every
+live process has called it, see ``jax.experimental.multihost_utils.live_devices``), so a process
+polling it blocked until every other process polled too; a process that found its keys at once
+went on into a gloo collective while the one that polled sat in ``get_live_nodes``, and gloo's
+30 s connection setup failed (``Gloo context initialization failed``, issue 12). The runtime runs
+with ``jax_enable_recoverability`` so that a lost process is reported to us instead of aborting
+everyone. A process that fails posts its error, and the others stop with ``process I failed: <its
+error>``; one that dies (killed, crashed, host lost) is reported as ``process I is gone``. Only a
+lost coordinator (process 0, which hosts the service) ends the others through JAX's own fatal
+error, within seconds.
 
 :class:`ProcessGroup` is the :class:`nvfp4_jax.coordinator.Coordinator` of one such process. Tests
 inject failures with ``fault``, a callable given the name of each point a process passes
-(``stats:layer.L`` before the statistics exchange of layer L, ``done`` before reporting its
-manifest), which may kill the process or raise.
+(``stats:layer.L`` before the statistics exchange of layer L, ``barrier:TAG`` and ``passed:TAG``
+before and after a barrier, e.g. ``experts/layer.L`` before a MoE layer's collectives, ``done``
+before reporting its manifest), which may kill the process or raise.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import hashlib
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -62,6 +70,7 @@ from nvfp4_jax.errors import NVFP4Error, UsageError
 
 _PREFIX = "nvfp4_jax"
 _POLL_S = 1.0
+_BEAT_S = 1.0  # how often a process bumps its alive key
 
 
 class DistributedError(NVFP4Error, RuntimeError):
@@ -86,6 +95,54 @@ class ProcessGroup(Coordinator):
         self.client, self.process_id, self.num_processes = client, int(process_id), int(num_processes)
         self.timeout_s = float(timeout_s)
         self.fault = fault or (lambda point: None)
+        self.stale_s = float(heartbeat_seconds(self.timeout_s))
+        self._beats: dict[int, tuple[Optional[str], float]] = {}  # peer -> (last alive value, when it changed)
+        self._stop_beating = threading.Event()
+        self._beater: Optional[threading.Thread] = None
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        """Bump this process's alive key every _BEAT_S from a daemon thread until stop_heartbeat."""
+        key = self._key("alive", self.process_id)
+        self.publish(key, "0")
+
+        def beat():
+            n = 0
+            while not self._stop_beating.wait(_BEAT_S):
+                n += 1
+                try:
+                    self.publish(key, str(n))
+                except Exception:  # noqa: BLE001 - the service is gone: the others see us stop
+                    return
+
+        self._beater = threading.Thread(target=beat, name=f"nvfp4-heartbeat-p{self.process_id}", daemon=True)
+        self._beater.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop_beating.set()
+        if self._beater is not None:
+            self._beater.join()
+            self._beater = None
+
+    def _silent_peers(self) -> list[int]:
+        """Peers whose alive key has not moved for stale_s as seen by this process's polls (and
+        that did not leave normally). Never blocks on the others (unlike get_live_nodes)."""
+        now = time.monotonic()
+        values = {}
+        for key, value in self.client.key_value_dir_get(self._key("alive") + "/"):
+            values[int(key.rstrip("/").rsplit("/", 1)[-1])] = value
+        silent = []
+        for p in range(self.num_processes):
+            if p == self.process_id:
+                continue
+            value = values.get(p)
+            seen = self._beats.get(p)
+            if seen is None or seen[0] != value:
+                self._beats[p] = (value, now)
+            elif now - seen[1] >= self.stale_s:
+                silent.append(p)
+        return [p for p in silent if self._try_get(self._key("left", p)) is None]
 
     # -- primitives -----------------------------------------------------------------------------
 
@@ -105,15 +162,14 @@ class ProcessGroup(Coordinator):
     def check_peers(self, waiting_for: str) -> None:
         """Raise if another process posted an error or is no longer alive."""
         self._check_errors(waiting_for)
-        live = self.client.get_live_nodes(list(range(self.num_processes)))
-        gone = sorted(set(range(self.num_processes)) - {int(p) for p in live})
-        gone = [p for p in gone if self._try_get(self._key("left", p)) is None]
+        gone = self._silent_peers()
         if gone:
             self._check_errors(waiting_for)  # it may have posted its error just before leaving
             who = ", ".join(map(str, gone))
             raise DistributedError(
                 f"process{'es' if len(gone) > 1 else ''} {who} of {self.num_processes} "
-                f"{'are' if len(gone) > 1 else 'is'} gone (died, was killed or lost its connection) while process "
+                f"{'are' if len(gone) > 1 else 'is'} gone (no heartbeat for {self.stale_s:.0f} s: died, was killed "
+                f"or lost its connection) while process "
                 f"{self.process_id} was waiting for {waiting_for}; the output was not finalized. Rerun every "
                 "process with --resume to continue from OUT.partial")
 
@@ -177,6 +233,19 @@ class ProcessGroup(Coordinator):
     def barrier(self, tag: str) -> None:
         self.fault(f"barrier:{tag}")
         self.all_gather(f"barrier/{tag}", "1", f"every process to reach {tag}")
+        self.fault(f"passed:{tag}")  # e.g. a process lost inside the collectives that follow
+
+    def explain_failure(self, error: BaseException, what: str) -> None:
+        # a collective fails on the survivors when a peer is lost inside it (gloo: its setup times
+        # out after 30 s, or a connection drops): tell the others, then watch the peers for up to a
+        # heartbeat timeout so that the message names the lost process, not gloo's symptom
+        self.post_error(f"{type(error).__name__} in {what}: {error}")
+        deadline = time.monotonic() + self.stale_s + 2 * _POLL_S
+        while True:
+            self.check_peers(what)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(_POLL_S)  # a poll of the store, bounded by the deadline
 
     def gather_json(self, tag: str, value) -> list:
         return [json.loads(v) for v in self.all_gather(f"json/{tag}", json.dumps(value), f"the {tag} figures")]
@@ -245,14 +314,20 @@ class ProcessGroup(Coordinator):
         """Process 0 hosts the coordination service: stay until the others have left (or limit_s),
         so that they read the last keys instead of losing the service under their feet."""
         deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            try:
-                live = self.client.get_live_nodes(list(range(self.num_processes)))
-            except Exception:  # noqa: BLE001
-                return
-            if set(int(p) for p in live) <= {self.process_id}:
-                return
-            time.sleep(0.1)
+        waiting = set(range(self.num_processes)) - {self.process_id}
+        try:
+            while waiting and time.monotonic() < deadline:
+                silent = set(self._silent_peers())
+                waiting = {p for p in waiting if p not in silent and self._try_get(self._key("left", p)) is None
+                           and self._try_get(self._key("error", p)) is None}
+                if waiting:
+                    time.sleep(0.1)  # a poll of the store, bounded by the deadline
+            if not waiting:
+                # every other process has left or stopped and is disconnecting; get_live_nodes
+                # (a barrier of the live processes) returns once they are off the service
+                self.client.get_live_nodes(list(range(self.num_processes)))
+        except Exception:  # noqa: BLE001 - the service or a peer is gone: nothing to wait for
+            return
 
 
 def heartbeat_seconds(timeout_s: float) -> int:
@@ -323,7 +398,9 @@ def initialize(processes: Processes) -> ProcessGroup:
                                initialization_timeout=secs, heartbeat_timeout_seconds=heartbeat_seconds(timeout_s),
                                shutdown_timeout_seconds=secs)
     jax.devices()  # start the backend now, while every process is known to be alive
-    return ProcessGroup(_coordination_client(), process_id, num_processes, timeout_s, processes.fault)
+    group = ProcessGroup(_coordination_client(), process_id, num_processes, timeout_s, processes.fault)
+    group.start_heartbeat()
+    return group
 
 
 def convert_distributed(src, out, opts, processes: Processes) -> Optional[dict]:
@@ -347,6 +424,7 @@ def convert_distributed(src, out, opts, processes: Processes) -> Optional[dict]:
         group.post_error(f"{type(e).__name__}: {e}")
         if pid == 0:
             group.linger(min(10.0, group.timeout_s))
+        group.stop_heartbeat()
         try:
             jax.distributed.shutdown()
         except Exception:  # noqa: BLE001 - the original error is the one to report
@@ -355,6 +433,7 @@ def convert_distributed(src, out, opts, processes: Processes) -> Optional[dict]:
     group.mark_left()
     if pid == 0:
         group.linger(group.timeout_s)
+    group.stop_heartbeat()
     jax.distributed.shutdown()
     return report
 

@@ -58,8 +58,8 @@ from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
 
 AXIS = "experts"
 # --expert-parallel. auto: MoE layers over this process's devices when it has several; processes:
-# over the devices of every process of a multi-process run (experimental: with JAX's persistent
-# compilation cache on, its gloo collectives time out or hang, see ARCHITECTURE.md); off: never
+# over the devices of every process of a multi-process run (opt-in; CPU runs use gloo collectives,
+# see ARCHITECTURE.md); off: never
 MODES = ("auto", "processes", "off")
 DEFAULT_MODE = "auto"
 
@@ -209,7 +209,7 @@ def quantize_on_owner_devices(weights: Mapping[str, jax.Array], groups: Sequence
             raise ModelConfigError(f"fused group {list(split[0])} is spread over devices")
         with jax.default_device(device):
             parts.append(layer_quant.quantize_layer(ws, mine, mode=mode))
-    order = [m for b in layer_quant._chunks(weights, sorted(weights), layer_quant.EXPERT_CHUNK) for m in b]
+    order = [m for b in layer_quant._chunks(weights, sorted(weights), layer_quant.chunk_bytes()) for m in b]
     merged = layer_quant.QuantizedLayer({}, sorted(m for q in parts for m in q.zero_weight_amax))
     for m in order:
         q = next(q for q in parts if m in q.tensors)
@@ -438,11 +438,16 @@ def forward_across_processes(family, layer: int, params: Mapping[str, jax.Array]
         if replicated:
             out, s = _call(program.replicated_fn, "expert_parallel_moe_layer_replicated_rows", program.rest,
                            program.stacks, x)
+            # one collective program at a time: a failed one (a peer lost mid-collective) raises
+            # here, before the next would set up gloo again on the stale keys of the failed setup
+            # (seen to hang instead of failing)
+            jax.block_until_ready((out, s))
             outputs.append(_local_replica(out))
             if jax.process_index() == 0:
                 stats.append(jax.tree.map(_local_replica, s))
         else:
             out, s = _call(program.rows_fn, "expert_parallel_moe_layer", program.rest, program.stacks, x)
+            jax.block_until_ready((out, s))
             outputs.append(_local_rows(out))
             stats.append(jax.tree.map(_local_rows, s))
     merged = merge_layer_stats(stats) if stats else None

@@ -4,12 +4,19 @@ A MoE layer of Kimi-K2 has over a thousand linears. Handling them one by one cos
 module (the weight amax read back to decide the group amax) and a device-to-host copy per tensor,
 which on a GPU is far more than the kernels themselves. Here the work is three steps:
 
-1. weight amax: one jitted reduction per chunk of same-shaped weights, results left on device;
-   NaN/Inf propagate into the amax (a sum of ``w * 0`` rides along, as in numerics), so one small
-   read of all amax values per layer both finds bad weights and zero weights;
-2. fused groups (SPEC section 4) take the max of their members' amax, on device (segment max);
-3. quantize: one jitted call per chunk of same-shaped weights (stacked inside the jit), then a
-   single ``device_get`` of every result of the layer.
+1. weight amax: one jitted reduction per chunk of same-shaped weights (an integer max over the
+   magnitude bits, :func:`numerics.abs_max_or_nan`: NaN/Inf come back NaN), then one small read of
+   every amax of the layer, which both finds bad weights and zero weights;
+2. fused groups (SPEC section 4) take the max of their members' amax, on the host (a few numbers);
+3. quantize: one jitted call per chunk of same-shaped weights that also returns each weight's
+   squared reconstruction error (:func:`numerics.squared_error`, fused into the same program),
+   then a single ``device_get`` of every result of the layer.
+
+Chunks are bounded in bytes of source weight (:func:`chunk_bytes`): on an accelerator a chunk of
+up to 64 Kimi experts is stacked inside the jit (few launches, the stack is cheap there); on CPU
+every weight is its own call: no stacked copy, one compilation per weight shape, and only one
+weight's temporaries live at a time (XLA:CPU allocates every buffer over 32 MB freshly, which
+costs page faults in proportion to its size).
 
 With the default mode ``max``, bytes equal :func:`nvfp4_jax.numerics.quantize` of each weight with
 its group amax; another ``--weight-scales`` mode gives the bytes of
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -31,7 +39,20 @@ import numpy as np
 from nvfp4_jax import numerics, weight_scales
 from nvfp4_jax.errors import NVFP4Error
 
-EXPERT_CHUNK = 64  # weights per jitted call: bounds the stacked copy on device
+#: bytes of source weight per jitted call on an accelerator: 64 Kimi-K2 experts (2048 x 7168
+#: bf16), the chunk an H200 quantizes a 384-expert layer with in a few seconds
+ACCELERATOR_CHUNK_BYTES = 64 * 2048 * 7168 * 2
+#: on CPU: 0, one weight per call (see the module docstring)
+CPU_CHUNK_BYTES = 0
+
+
+def chunk_bytes(backend: Optional[str] = None) -> int:
+    """The chunk bound of ``backend`` (default: JAX's default backend); NVFP4_QUANT_CHUNK_BYTES
+    overrides (0: one weight per call)."""
+    env = os.environ.get("NVFP4_QUANT_CHUNK_BYTES", "")
+    if env:
+        return int(env)
+    return CPU_CHUNK_BYTES if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_CHUNK_BYTES
 
 
 class LayerQuantError(NVFP4Error, ValueError):
@@ -40,44 +61,62 @@ class LayerQuantError(NVFP4Error, ValueError):
 
 @jax.jit
 def _chunk_amax(ws):
-    """max |w| per weight, NaN where a weight holds NaN or Inf (max alone may drop NaN on CPU)."""
-    out = []
-    for w in ws:
-        a = w.astype(jnp.float32)
-        out.append(jnp.max(jnp.abs(a)) + jnp.sum(a * jnp.float32(0.0)))
-    return jnp.stack(out)
+    """max |w| per weight of the chunk ``[len(ws)]``, NaN where a weight holds NaN or Inf."""
+    return jnp.stack([numerics.abs_max_or_nan(w) for w in ws])
+
+
+def _stacked(ws):
+    return ws[0] if len(ws) == 1 else jnp.stack(ws)  # one weight: no copy, a scalar amax
 
 
 @jax.jit
 def _chunk_quantize(ws, amax):
-    return numerics.quantize(jnp.stack(ws), amax, check=False)
+    """(quantized, (squared error, squared norm)) of the chunk; one weight: no leading axis."""
+    w = _stacked(ws)
+    q = numerics.quantize(w, amax, check=False)
+    return q, numerics.squared_error(w, q)
 
 
 @functools.partial(jax.jit, static_argnames=("mode",))
 def _chunk_search(ws, amax, hessians, mode):
-    h = None if hessians is None else jnp.stack(hessians)
-    return weight_scales.quantize_with_mode(jnp.stack(ws), mode, amax, h, check=False)
+    w = _stacked(ws)
+    h = None if hessians is None else _stacked(hessians)
+    q = weight_scales.quantize_with_mode(w, mode, amax, h, check=False)
+    return q, numerics.squared_error(w, q)
 
 
 @jax.jit
 def _chunk_error(ws, q):
-    """Per weight of the chunk: (sum (w - dequant)^2, sum w^2), float32."""
-    w = jnp.stack(ws).astype(jnp.float32)
-    d = w - numerics.dequantize(q)
-    return jnp.sum(d * d, axis=(-2, -1)), jnp.sum(w * w, axis=(-2, -1))
+    """Per weight of a stacked result ``q`` (the mesh path): (squared error, squared norm)."""
+    return numerics.squared_error(jnp.stack(ws), q)
 
 
-def _chunks(weights: Mapping[str, jax.Array], modules: Sequence[str], chunk: int) -> list[list[str]]:
-    """Modules batched by (shape, dtype), in sorted order, at most ``chunk`` per batch."""
+def _chunks(weights: Mapping[str, jax.Array], modules: Sequence[str], max_bytes: int) -> list[list[str]]:
+    """Modules batched by (shape, dtype), in sorted order, each batch of at most ``max_bytes`` of
+    weight (at least one weight); the batches of a kind are split evenly, so they have one or two
+    sizes (each size is a compilation)."""
     by_kind: dict[tuple, list[str]] = {}
     for m in sorted(modules):
         w = weights[m]
         by_kind.setdefault((tuple(w.shape), str(w.dtype)), []).append(m)
-    return [ms[i:i + chunk] for ms in by_kind.values() for i in range(0, len(ms), chunk)]
+    out = []
+    for (shape, dtype), ms in by_kind.items():
+        one = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        per = max(1, max_bytes // max(one, 1))
+        n = -(-len(ms) // per)  # batches of this kind
+        size, extra = divmod(len(ms), n)
+        lo = 0
+        for i in range(n):
+            hi = lo + size + (i < extra)
+            out.append(ms[lo:hi])
+            lo = hi
+    return out
 
 
-def _group_max(amax: jax.Array, group_ids: np.ndarray, num_groups: int) -> jax.Array:
-    return jax.ops.segment_max(amax, jnp.asarray(group_ids), num_segments=num_groups)[jnp.asarray(group_ids)]
+def _group_max(amax: np.ndarray, group_ids: np.ndarray) -> np.ndarray:
+    shared = np.full(amax.shape, -np.inf, np.float32)
+    np.maximum.at(shared, group_ids, amax)
+    return shared[group_ids]
 
 
 @dataclasses.dataclass
@@ -108,13 +147,14 @@ def _chunk_hessians(hessians, batch: Sequence[str], weights):
 
 
 def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[str]] = (), *,
-                   mesh=None, chunk: int = EXPERT_CHUNK, mode: str = "max",
+                   mesh=None, max_chunk_bytes: Optional[int] = None, mode: str = "max",
                    hessians: Optional[Mapping[str, jax.Array]] = None) -> QuantizedLayer:
     """Quantize every weight of ``weights`` (module name -> ``[N, K]`` array); members of each fused
     group in ``groups`` (only those present are used) share one amax. ``mode``: the block-scale
     rule (:data:`nvfp4_jax.weight_scales.MODES`); ``hessians`` (``local-hessian`` only): module ->
-    f32 ``[K/16, 16, 16]`` input second moments, a module without one is searched as ``mse``. With
-    a multi-device ``mesh`` the stacked chunks of ``max`` are split over its devices (the searches
+    f32 ``[K/16, 16, 16]`` input second moments, a module without one is searched as ``mse``.
+    ``max_chunk_bytes``: bytes of weight per jitted call (default :func:`chunk_bytes`). With a
+    multi-device ``mesh`` the stacked chunks of ``max`` are split over its devices (the searches
     run on the default device)."""
     _check_mode(mode, hessians)
     if mode == "local-hessian" and hessians is None:
@@ -122,22 +162,26 @@ def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[s
     modules = sorted(weights)
     if not modules:
         return QuantizedLayer({}, [])
-    batches = _chunks(weights, modules, chunk)
+    sharded = mode == "max" and mesh is not None and mesh.size > 1
+    if max_chunk_bytes is not None:
+        bound = max_chunk_bytes
+    else:  # a mesh splits stacked chunks over its devices: accelerator-sized chunks on any backend
+        bound = ACCELERATOR_CHUNK_BYTES if sharded else chunk_bytes()
+    batches = _chunks(weights, modules, bound)
     order = [m for b in batches for m in b]
     pos = {m: i for i, m in enumerate(order)}
-    amax = jnp.concatenate([_chunk_amax(tuple(weights[m] for m in b)) for b in batches])
+    amax = [_chunk_amax(tuple(weights[m] for m in b)) for b in batches]
+    own = np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in jax.device_get(amax)])  # the one sync
 
     group_ids = np.arange(len(order))
     for g in groups:
         members = [pos[m] for m in g if m in pos]
         group_ids[members] = min(members, default=0)
-    unified = _group_max(amax, group_ids, len(order))
-
-    own, shared = (np.asarray(a) for a in jax.device_get((amax, unified)))  # the one sync before quantizing
     bad = [m for m in order if not np.isfinite(own[pos[m]])]
     if bad:
         raise LayerQuantError(f"cannot quantize {bad[0]}.weight: it holds NaN or Inf values"
                               + (f" ({len(bad) - 1} more weight(s) of this layer too)" if len(bad) > 1 else ""))
+    shared = _group_max(own, group_ids)
     for m in order:
         try:
             numerics.check_amax_range(shared[pos[m]], f"{m}.weight")
@@ -145,40 +189,50 @@ def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[s
             raise LayerQuantError(str(e)) from None
     zero = sorted(m for m in order if shared[pos[m]] == 0.0)
 
-    results, errors = [], []
+    results = []
     for b in batches:
         lo = pos[b[0]]
-        a = unified[lo:lo + len(b)]
+        a = shared[lo:lo + len(b)] if len(b) > 1 else shared[lo]
         ws = tuple(weights[m] for m in b)
         if mode != "max":
             h = _chunk_hessians(hessians, b, weights) if mode == "local-hessian" else None
-            q = _chunk_search(ws, a, h, mode)
-        elif mesh is not None and mesh.size > 1:
+            results.append(_chunk_search(ws, a, h, mode))
+        elif sharded:
             from nvfp4_jax import sharding
 
-            q = sharding.quantize_sharded(list(ws), a, mesh, check=False)
+            q = sharding.quantize_sharded(list(ws), np.atleast_1d(a), mesh, check=False)
+            results.append((q, _chunk_error(ws, q)))
         else:
-            q = _chunk_quantize(ws, a)
-        results.append(q)
-        errors.append(_chunk_error(ws, q))
-    results, errors = jax.device_get((results, errors))  # one transfer for the whole layer
+            results.append(_chunk_quantize(ws, a))
+    results = jax.device_get(results)  # one transfer for the whole layer
     out = QuantizedLayer({}, zero)
-    for b, q, (err, norm) in zip(batches, results, errors):
+    for b, (q, (err, norm)) in zip(batches, results):
+        stacked = np.ndim(err) == 1  # a chunk of one weight (not sharded) has no leading axis
         for j, m in enumerate(b):
-            out.tensors[m] = numerics.NVFP4Tensor(np.asarray(q.weight[j]), np.asarray(q.weight_scale[j]),
-                                                  np.asarray(q.weight_scale_2[j], np.float32).reshape(()))
-            out.squared_error[m], out.squared_norm[m] = float(err[j]), float(norm[j])
+            def pick(x):
+                return np.asarray(x)[j] if stacked else np.asarray(x)
+            out.tensors[m] = numerics.NVFP4Tensor(pick(q.weight), pick(q.weight_scale),
+                                                  np.asarray(pick(q.weight_scale_2), np.float32).reshape(()))
+            out.squared_error[m], out.squared_norm[m] = float(pick(err)), float(pick(norm))
     return out
 
 
 def input_scales(input_amax: Mapping[str, float]) -> dict[str, np.ndarray]:
-    """``input_scale`` of every module (``amax / 2688``, correctly rounded), in one device call."""
+    """``input_scale`` of every module (``amax / 2688``, correctly rounded), in one jitted call on
+    the amax padded with ones to a power of two of at least INPUT_SCALES_MIN_LEN."""
     names = sorted(input_amax)
     if not names:
         return {}
-    s = np.asarray(jax.device_get(numerics.scale_from_amax(
-        jnp.asarray([input_amax[m] for m in names], jnp.float32))), np.float32)
+    padded = max(INPUT_SCALES_MIN_LEN, 1 << (len(names) - 1).bit_length())  # few lengths, few compilations
+    a = np.ones(padded, np.float32)
+    a[:len(names)] = [input_amax[m] for m in names]
+    s = np.asarray(jax.device_get(_scales_jit(a)), np.float32)
     return {m: s[i].reshape(()) for i, m in enumerate(names)}
 
 
-__all__ = ["LayerQuantError", "QuantizedLayer", "quantize_layer", "input_scales", "EXPERT_CHUNK"]
+_scales_jit = jax.jit(numerics.scale_from_amax)
+INPUT_SCALES_MIN_LEN = 2048  # one compilation for every layer of up to 2048 linears (a Kimi MoE layer: 1158)
+
+
+__all__ = ["LayerQuantError", "QuantizedLayer", "quantize_layer", "input_scales", "chunk_bytes",
+           "ACCELERATOR_CHUNK_BYTES", "CPU_CHUNK_BYTES"]

@@ -444,6 +444,60 @@ def tensor_amax(w, per_leading: bool = False) -> jax.Array:
     return jnp.max(a)
 
 
+def abs_max_or_nan(w) -> jax.Array:
+    """max |w| over the whole tensor as float32, NaN if ``w`` holds a NaN or an Inf; jit-able.
+
+    A max over the magnitude keys (the bit pattern without the sign, see :func:`_magnitude_keys`):
+    an integer reduction reading ``w`` once with no float32 copy (for bfloat16 inputs); the keys
+    order magnitudes, so the key of the maximum is the maximum's bits, and every NaN or Inf has a
+    key at or above that of +Inf."""
+    if w.dtype not in (jnp.bfloat16, jnp.float32):
+        w = w.astype(_F32)
+    key, _, nbits = _magnitude_keys(w)
+    top = jnp.max(key)
+    inf_key = 0x7F80 if nbits == 16 else 0x7F800000
+    return jnp.where(top >= inf_key, _F32(jnp.nan), _key_to_f32(top, nbits))
+
+
+def _e2m1_magnitude(nibble):
+    """|value| of E2M1 codes (the low 3 bits of ``nibble``) as float32, by arithmetic: 0, .5, 1, 1.5
+    for indices 0-3 (half the index), then 2, 3, 4, 6 (the extra halves and one above 4 and 6).
+    A table look-up would be a gather, which XLA:CPU runs per element."""
+    i = (nibble & 7).astype(_F32)
+    return _F32(0.5) * i + _F32(0.5) * jnp.maximum(i - 4, 0) + jnp.maximum(i - 6, 0)
+
+
+def squared_error(w, t: NVFP4Tensor):
+    """``(sum (w - dequantize(t))^2, sum w^2)`` in float32, one value per leading index of ``w``
+    ``[..., N, K]`` (``[]`` for one tensor); jit-able.
+
+    Computed on the packed codes (two elements per byte, no unpacked copy) with one fused
+    reduction that reads ``w`` once: ``|w| - |dequant|`` per element (the dequantized value has
+    the sign of ``w``, or is zero), summed per block by a variadic reduce (which XLA:CPU keeps in
+    a loop rather than an unfused library call that would materialize float32 temporaries of the
+    whole tensor), then over the block sums."""
+    *lead, n, k = w.shape
+    kb = k // BLOCK
+    if w.dtype == jnp.bfloat16:  # the two bf16 elements of a byte, as the halves of one uint32
+        u = jax.lax.bitcast_convert_type(w.reshape(*lead, n, kb, BLOCK // 2, 2), jnp.uint32)
+        x_lo = jnp.abs(jax.lax.bitcast_convert_type(u << 16, _F32))
+        x_hi = jnp.abs(jax.lax.bitcast_convert_type(u & jnp.uint32(0xFFFF0000), _F32))
+    else:
+        x = jnp.abs(w.astype(_F32)).reshape(*lead, n, kb, BLOCK // 2, 2)
+        x_lo, x_hi = x[..., 0], x[..., 1]
+    s2 = t.weight_scale_2.astype(_F32)
+    s2 = s2[..., None, None] if s2.ndim else s2
+    d = (t.weight_scale.astype(_F32) * s2)[..., None]  # dequantize's product order
+    p = t.weight.reshape(*lead, n, kb, BLOCK // 2)
+    e_lo = x_lo - _e2m1_magnitude(p) * d
+    e_hi = x_hi - _e2m1_magnitude(p >> 4) * d
+    zero = _F32(0.0)
+    # per block first: one float32 accumulator over millions of terms would lose about 1%
+    err, norm = jax.lax.reduce((e_lo * e_lo + e_hi * e_hi, x_lo * x_lo + x_hi * x_hi), (zero, zero),
+                               lambda a, b: (a[0] + b[0], a[1] + b[1]), (len(lead) + 2,))
+    return jnp.sum(err, axis=(-2, -1)), jnp.sum(norm, axis=(-2, -1))
+
+
 def quantize(w, weight_amax=None, *, check: bool = True) -> NVFP4Tensor:
     """Quantize ``w`` ``[..., N, K]`` to NVFP4, bit-identical to ModelOpt's export.
 
@@ -521,5 +575,5 @@ def fp8_bytes(scale) -> np.ndarray:
 __all__ = [
     "BLOCK", "FP4_MAX", "FP8_MAX", "AMAX_DIVISOR", "E2M1_VALUES", "NVFP4Tensor", "quantize",
     "dequantize", "fake_quant", "pack_fp4", "unpack_fp4", "scale_from_amax", "tensor_amax",
-    "input_scale_from_amax", "fp8_bytes",
+    "input_scale_from_amax", "fp8_bytes", "abs_max_or_nan", "squared_error",
 ]

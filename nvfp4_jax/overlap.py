@@ -3,7 +3,11 @@
 While the main thread calibrates and quantizes layer L, one background thread reads and decodes
 layer L+1 (:func:`read_ahead`) and another writes layer L-1 (:class:`WriteBehind`). Each has room
 for exactly one layer, so at most three layers are on the host at once: the one being read, the
-one being computed, the one being written (``LAYERS_IN_FLIGHT``). Work is started only by the
+one being computed, the one being written (``LAYERS_IN_FLIGHT``). In bytes: the layer read ahead
+is decoded (bf16); the one computed is decoded plus, once quantized, its NVFP4 tensors (about
+0.28x of its bf16 linears); the one being written holds only its NVFP4 tensors and the decoded
+copies of its unquantized tensors. So the layers take about 2.3x the largest layer's bf16 size,
+plus the working set of the phase running (docs/ARCHITECTURE.md, "Memory"). Work is started only by the
 main thread's progress (the next read when a layer is taken, a write when one is handed over),
 so the order of reads and writes is the serial order whatever the threads' timing: the writer
 gets the same calls in the same order and writes the same bytes.

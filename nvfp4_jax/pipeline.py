@@ -343,7 +343,12 @@ def _calibrate_across_processes(run: _Run, layer: int, params: dict, hidden: lis
     stats = CalibStats()
     if run.family.is_moe_layer(layer):
         across = expert_parallel.Across(run.expert_mesh, lambda: run.coordinator.barrier(f"experts/layer.{layer}"))
-        outs, merged = expert_parallel.forward_across_processes(run.family, layer, params, blocks, run.dtype, across)
+        try:
+            outs, merged = expert_parallel.forward_across_processes(run.family, layer, params, blocks, run.dtype,
+                                                                    across)
+        except jax.errors.JaxRuntimeError as e:  # raises the lost or failed peer's error when that is the cause
+            run.coordinator.explain_failure(e, f"the collectives of layer {layer}")
+            raise
         if merged is not None:
             stats.observe(merged)
         jax.block_until_ready(outs)

@@ -1,7 +1,8 @@
 """Where the quantize phase of a Kimi-K2-shaped MoE layer spends its time: the whole
 ``layer_quant.quantize_layer`` call (the phase minus input scales) against its steps timed one by
-one with a device sync after each (weight amax, quantize, reconstruction error, the one
-device-to-host transfer, the numpy views), and the kernel alone (numerics.quantize of each chunk).
+one with a device sync after each (weight amax, quantize with its fused reconstruction error, the
+error alone, the one device-to-host transfer, the numpy views), and the kernel alone
+(numerics.quantize of each chunk, stacked where a chunk has several weights).
 Times of the 2nd and 3rd call (compilations excluded). Usage:
 python scripts/profile_quantize_layer.py [workdir] [experts] (builds the source there)."""
 
@@ -42,18 +43,22 @@ def main():
                if n.endswith(".weight") and v.ndim == 2 and "layernorm" not in n and ".gate." not in n}
     jax.block_until_ready(weights)
     gb = sum(v.size * v.dtype.itemsize for v in weights.values()) / 1e9
-    chunks = layer_quant._chunks(weights, sorted(weights), layer_quant.EXPERT_CHUNK)
+    chunks = layer_quant._chunks(weights, sorted(weights), layer_quant.chunk_bytes())
     stacked = [tuple(weights[m] for m in b) for b in chunks]
+    kernel = jax.jit(lambda ws, a: numerics.quantize(ws[0] if len(ws) == 1 else jnp.stack(ws), a, check=False))
+    error = jax.jit(lambda ws, r: numerics.squared_error(ws[0] if len(ws) == 1 else jnp.stack(ws), r))
     rows = {"linears": len(weights), "bf16_GB": round(gb, 2), "chunks": len(chunks)}
     rows["quantize_layer_s"] = timed(lambda: layer_quant.quantize_layer(weights))
     rows["amax_s"] = timed(lambda: [layer_quant._chunk_amax(ws) for ws in stacked])
-    amax = [layer_quant._chunk_amax(ws) for ws in stacked]
-    rows["quantize_kernels_s"] = timed(lambda: [layer_quant._chunk_quantize(ws, a) for ws, a in zip(stacked, amax)])
-    q = [layer_quant._chunk_quantize(ws, a) for ws, a in zip(stacked, amax)]
-    rows["error_s"] = timed(lambda: [layer_quant._chunk_error(ws, r) for ws, r in zip(stacked, q)])
+    amax = [a if len(ws) > 1 else a[0] for ws, a in zip(stacked, (layer_quant._chunk_amax(ws) for ws in stacked))]
+    rows["quantize_and_error_s"] = timed(lambda: [layer_quant._chunk_quantize(ws, a) for ws, a in zip(stacked, amax)])
+    rows["quantize_kernels_s"] = timed(lambda: [kernel(ws, a) for ws, a in zip(stacked, amax)])
+    q = [kernel(ws, a) for ws, a in zip(stacked, amax)]
+    rows["error_s"] = timed(lambda: [error(ws, r) for ws, r in zip(stacked, q)])
     rows["device_get_s"] = timed(lambda: jax.device_get(q))
     host = jax.device_get(q)
-    rows["numpy_views_s"] = timed(lambda: [np.asarray(r.weight[j]) for r in host for j in range(r.weight.shape[0])])
+    rows["numpy_views_s"] = timed(lambda: [np.asarray(r.weight[j]) if r.weight.ndim == 3 else np.asarray(r.weight)
+                                           for r in host for j in range(r.weight.shape[0] if r.weight.ndim == 3 else 1)])
     single = jax.jit(lambda w, a: numerics.quantize(w, a, check=False))
     one = stacked[0][0]
     rows["one_weight_quantize_s"] = timed(lambda: single(one, jnp.float32(1.0)))

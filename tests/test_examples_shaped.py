@@ -203,3 +203,31 @@ def test_bench_warms_the_compile_cache_before_timed_runs_only_with_a_cache(tmp_p
     # with a cache: the smallest checkpoint converted once first, its source kept for the timed run
     assert calls == (timed if cache == "off" else [(2, True)] + timed)
     assert [r["layers"] for r in rows if r["kind"] == "run"] == [2, 3]  # the warm-up is no row
+
+
+def test_bench_quantize_baselines_time_the_converted_weights(tmp_path):
+    """The child-process baselines read the weights the output quantized (those with a
+    weight_scale_2), per layer, and quantize them; their ratios are phase seconds over theirs."""
+    import json
+
+    import ml_dtypes
+
+    from nvfp4_jax.checkpoint.safetensors_io import save_file
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    rng = np.random.default_rng(0)
+    w = {f"model.layers.{i}.mlp.{p}.weight": rng.standard_normal((32, 64)).astype(ml_dtypes.bfloat16)
+         for i in (0, 1) for p in ("gate_proj", "down_proj")}
+    w["model.layers.1.input_layernorm.weight"] = np.ones(64, ml_dtypes.bfloat16)  # not quantized
+    save_file(src / "model.safetensors", w)
+    save_file(out / "model.safetensors", {f"{n[:-len('.weight')]}.weight_scale_2": np.ones((), np.float32)
+                                          for n in w if "mlp" in n and "down" not in n or "layers.0.mlp.down" in n})
+    assert bench._quantized_modules_by_layer(out) == {
+        0: ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj"], 1: ["model.layers.1.mlp.gate_proj"]}
+    for fn in (bench.quantize_kernels_baseline, bench.quantize_layer_baseline):
+        b = fn(src, out)
+        assert b["phase"] == "quantize" and b["weights"] == 3 and b["seconds"] > 0
+    assert bench.baseline_ratios({"quantize": 6.0, "read": 1.0}, {"k": {"phase": "quantize", "seconds": 2.0}}) == {"k": 3.0}

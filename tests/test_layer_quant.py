@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nvfp4_jax import numerics
-from nvfp4_jax.layer_quant import LayerQuantError, input_scales, quantize_layer
+from nvfp4_jax.layer_quant import LayerQuantError, _chunks, input_scales, quantize_layer
 
 
 def _weights(seed=0):
@@ -22,11 +22,12 @@ def _weights(seed=0):
     return w, groups
 
 
-@pytest.mark.parametrize("chunk", [64, 2])
-def test_bytes_equal_per_module_quantize_with_group_amax(chunk):
+# one weight per call (CPU), two or three of the 48x64 bf16 experts per stacked call, all of a shape
+@pytest.mark.parametrize("max_chunk_bytes", [0, 2 * 48 * 64 * 2, 64 * 48 * 64 * 2])
+def test_bytes_equal_per_module_quantize_with_group_amax(max_chunk_bytes):
     w, groups = _weights()
     group_of = {m: g for g in groups for m in g}
-    got = quantize_layer({m: jnp.asarray(a) for m, a in w.items()}, groups, chunk=chunk)
+    got = quantize_layer({m: jnp.asarray(a) for m, a in w.items()}, groups, max_chunk_bytes=max_chunk_bytes)
     for m, a in w.items():
         members = group_of.get(m, (m,))
         amax = np.float32(max(np.abs(w[x].astype(np.float32)).max() for x in members))
@@ -35,7 +36,22 @@ def test_bytes_equal_per_module_quantize_with_group_amax(chunk):
         assert np.array_equal(np.asarray(ref.weight), t.weight), m
         assert np.array_equal(np.asarray(ref.weight_scale).view(np.uint8), t.weight_scale.view(np.uint8)), m
         assert np.asarray(ref.weight_scale_2, np.float32).tobytes() == t.weight_scale_2.tobytes(), m
+        x = a.astype(np.float64)
+        err = ((x - np.asarray(numerics.dequantize(ref), np.float64)) ** 2).sum()
+        assert got.squared_error[m] == pytest.approx(err, rel=1e-5, abs=1e-30), m
+        assert got.squared_norm[m] == pytest.approx((x * x).sum(), rel=1e-5), m
     assert got.zero_weight_amax == ["attn.o"]
+
+
+def test_chunks_split_a_kind_evenly_within_the_byte_bound():
+    w = {f"e.{i:02d}": jnp.zeros((16, 32), jnp.bfloat16) for i in range(10)}
+    w["other"] = jnp.zeros((32, 16), jnp.float32)
+    one = 16 * 32 * 2
+    sizes = lambda bound: [len(b) for b in _chunks(w, sorted(w), bound)]  # noqa: E731
+    assert sizes(4 * one) == [4, 3, 3, 1]  # 10 in 3 batches of at most 4, evenly; "other" alone
+    assert sizes(0) == [1] * 11
+    assert sizes(100 * one) == [10, 1]
+    assert [m for b in _chunks(w, sorted(w), 4 * one) for m in b] == [m for b in _chunks(w, sorted(w), 0) for m in b]
 
 
 def test_nan_weight_is_named():

@@ -151,3 +151,48 @@ def test_fake_quant_matches_dequantize_and_straight_through_gradient():
     np.testing.assert_array_equal(np.asarray(fq), np.asarray(ref))
     g = jax.grad(lambda v: jnp.sum(nq.fake_quant(v, amax) * 2.0))(x)
     np.testing.assert_array_equal(np.asarray(g), 2.0 * np.ones(x.shape, np.float32))
+
+
+def _dequant_error_reference(w, t):
+    """sum (w - dequantize)^2 and sum w^2 per leading index, in float64 numpy from the unpacked
+    codes (a table look-up, independent of squared_error's arithmetic on the packed bytes)."""
+    codes = np.asarray(nq.unpack_fp4(t.weight)).astype(np.int64)
+    vals = nq.E2M1_VALUES[codes].astype(np.float64)
+    *lead, n, k = vals.shape
+    s2 = np.asarray(t.weight_scale_2, np.float64).reshape(*lead, 1, 1, 1) if lead else np.float64(t.weight_scale_2)
+    scale = np.asarray(t.weight_scale).astype(np.float64)[..., None]
+    deq = (vals.reshape(*lead, n, k // 16, 16) * scale * s2).reshape(*lead, n, k)
+    x = np.asarray(jnp.asarray(w).astype(jnp.float32), np.float64)
+    axes = (-2, -1)
+    return ((x - deq) ** 2).sum(axis=axes), (x * x).sum(axis=axes)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+@pytest.mark.parametrize("lead,shape", [((), (8, 64)), ((3,), (8, 64)), ((), (1024, 1024))])
+def test_squared_error_equals_dequantized_reference(dtype, lead, shape):
+    """Also at a million elements, where one float32 accumulator would be off by about 1e-2."""
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal((*lead, *shape)) * 3, dtype)
+    w = w.at[..., 0, :16].set(0)  # an all-zero block
+    w = w.at[..., 1, 3].set(-1e-6)  # a negative value rounded to zero (code 8)
+    amax = nq.tensor_amax(w, per_leading=True) if lead else None
+    t = nq.quantize(w, amax)
+    err, norm = jax.jit(nq.squared_error)(w, t)
+    ref_err, ref_norm = _dequant_error_reference(w, t)
+    assert np.shape(err) == lead and np.shape(norm) == lead
+    np.testing.assert_allclose(np.asarray(err), ref_err, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(norm), ref_norm, rtol=1e-5)
+    assert np.all(np.asarray(err) > 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+def test_abs_max_or_nan(dtype):
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((16, 32)) * 5).astype(np.float32)
+    a[2, 5] = -40.0  # the largest magnitude is negative
+    w = jnp.asarray(a, dtype)
+    expected = np.abs(np.asarray(w.astype(jnp.float32))).max()
+    assert np.float32(nq.abs_max_or_nan(w)) == expected == 40.0
+    assert float(nq.abs_max_or_nan(jnp.zeros((4, 16), dtype).at[0, 0].set(-0.0))) == 0.0
+    for bad in (np.nan, np.inf, -np.inf):
+        assert np.isnan(float(jax.jit(nq.abs_max_or_nan)(w.at[3, 3].set(bad))))
