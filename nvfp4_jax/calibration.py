@@ -121,7 +121,8 @@ def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden:
     (``sharding.forward_sharded``); with an expert mesh (``expert_parallel.expert_mesh``, axis
     ``experts``) a MoE layer runs expert parallel (``expert_parallel.forward``: each device its
     block of routed experts, ``params`` placed by ``expert_parallel.read_layer``) and a dense layer
-    as with a mesh; otherwise batches run one by one on the default device."""
+    as with a mesh; otherwise batches run one by one on the default device, a MoE layer's routed
+    experts stacked once (``family.expert_stacks``) for all of them."""
     from nvfp4_jax import expert_parallel
 
     stats = CalibStats()
@@ -133,10 +134,12 @@ def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden:
         stats.observe(merged)
     else:
         out = []
+        stacks = family.expert_stacks(layer, params, dtype)  # MoE: routed experts stacked once for all batches
         for h in hidden:
-            h, s = family.layer_forward(layer, params, h, dtype=dtype)
+            h, s = family.layer_forward(layer, params, h, dtype=dtype, experts=stacks)
             stats.observe(jax.device_get(s))
             out.append(h)
+        del stacks
     jax.block_until_ready(out)
     return list(out), stats
 
@@ -167,15 +170,17 @@ def collect_hessians(family, layer: int, params: Mapping[str, jax.Array], hidden
     rows: dict[str, jax.Array] = {}
     gate_up = down = tokens = None
     prefix = None
+    stacks = family.expert_stacks(layer, params, dtype)
     for h in hidden:
         _, s = family.layer_forward(layer, params, jax.device_put(h, device), dtype=dtype, input_amax=input_amax,
-                                    collect_hessian=True)
+                                    collect_hessian=True, experts=stacks)
         for m, v in s.hessian.items():
             sums[m], rows[m] = _add(sums.get(m), v), _add(rows.get(m), s.hessian_rows[m])
         if s.experts is not None:
             prefix = s.experts.prefix
             gate_up, down = _add(gate_up, s.experts.gate_up_hessian), _add(down, s.experts.down_hessian)
             tokens = _add(tokens, s.experts.tokens_per_expert)
+    del stacks
     hessian = {m: sums[m] / rows[m].astype(jnp.float32) for m in sums}
     without = []
     if prefix is not None:

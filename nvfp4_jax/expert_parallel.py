@@ -14,8 +14,9 @@ The calibration forward, one ``shard_map`` program per layer kind:
    (token, k) assignments by expert (:func:`nvfp4_jax.models.moe.sort_by_expert`);
 2. ring over the devices: the expert-sorted rows of each source device travel once around the ring
    (``ppermute``) with an output accumulator; at each stop the device computes the rows of its own
-   experts (:func:`nvfp4_jax.models.moe.experts_chunk`, the function of the one-device chunked
-   forward) and adds them to the accumulator. Rows of different experts are disjoint, so every row
+   experts (:func:`nvfp4_jax.models.moe.experts_chunk`, the ragged_dot function of the one-device
+   chunked forward, contracting the device's stacked block as it is) and adds them to the
+   accumulator. Rows of different experts are disjoint, so every row
    of the accumulator is one chunk's output plus zeros: exact. After D steps each accumulator is
    back at its source, which combines it (weighted sum, shared experts, residual). Peak memory per
    device is one source's rows and one accumulator, in flight twice;
@@ -27,7 +28,10 @@ The calibration forward, one ``shard_map`` program per layer kind:
 
 Weights: :func:`read_layer` decodes every routed expert on the device that owns it (so a chip
 never holds more than its block plus the shared part), :func:`place_experts` stacks each device's
-block on that device (``jax.make_array_from_single_device_arrays``: no full stack anywhere).
+block on that device once per layer (``jax.make_array_from_single_device_arrays``: no full stack
+anywhere), in checkpoint orientation; the program reads those blocks directly (no copy of them
+inside it), so a device holds its block once as decoded per-expert arrays (kept for the quantize
+phase) and once stacked.
 
 Batches whose size is not a multiple of D: the multiple runs as above; the remaining rows run on
 every device at once (replicated rows, each device its own experts, ``psum`` of the outputs).
@@ -48,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from nvfp4_jax import resources
 from nvfp4_jax.models.exact_jit import exact_jit
-from nvfp4_jax.models.moe import PROJECTIONS, Dispatch, ExpertWeights, experts_chunk
+from nvfp4_jax.models.moe import PROJECTIONS, Dispatch, ExpertStacks, experts_chunk
 from nvfp4_jax.models.ops import ModelConfigError
 from nvfp4_jax.models.stats import LayerStats, merge_layer_stats
 
@@ -217,15 +221,16 @@ def quantize_on_owner_devices(weights: Mapping[str, jax.Array], groups: Sequence
 def _routed(dispatch: Dispatch, stacks, blocks: ExpertBlocks, act: str, replicated: bool):
     """Inside the shard_map: (y_sorted of this device's rows, down input amax f32 [E]) with each
     device computing its own experts (see the module docstring)."""
-    gate, up, down = stacks
-    weights = ExpertWeights(list(gate), list(up), list(down))
+    weights = ExpertStacks(*stacks)  # this device's block [C, ...], contracted as it is: no re-stack
     me = jax.lax.axis_index(AXIS)
     start = (me * blocks.per_device).astype(jnp.int32)
     pad = blocks.padded - blocks.num_experts
 
     def chunk(x_sorted, expert_sorted, group_sizes):
         sizes = jnp.concatenate([group_sizes, jnp.zeros((pad,), group_sizes.dtype)]) if pad else group_sizes
-        return experts_chunk(Dispatch(x_sorted, expert_sorted, None, sizes, None), start, weights, act_name=act)
+        y, down_amax, _ = experts_chunk(Dispatch(x_sorted, expert_sorted, None, sizes, None), start, weights,
+                                        act_name=act)
+        return y, down_amax
 
     x, es, gs = dispatch.x_sorted, dispatch.expert_sorted, dispatch.group_sizes
     if replicated:  # every device has the same rows: each adds its experts' rows

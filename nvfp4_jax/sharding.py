@@ -223,11 +223,11 @@ def _forward_fn(family, canon: int, mesh: Mesh, dtype, params_sig):
     key = (type(family), family.spec, config, canon, mesh, jnp.dtype(dtype).name, params_sig)
     fn = _FORWARD_CACHE.get(key)
     if fn is None:
-        def local(p, h):
-            h, s = family.layer_forward(canon, p, h, dtype=dtype)
+        def local(p, stacks, h):
+            h, s = family.layer_forward(canon, p, h, dtype=dtype, experts=stacks)
             return h, jax.tree.map(lambda v: v[None], s)  # one row of statistics per device
 
-        fn = exact_jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), _SAMPLES_SPEC), out_specs=_SAMPLES_SPEC,
+        fn = exact_jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), _SAMPLES_SPEC), out_specs=_SAMPLES_SPEC,
                                      check_vma=False))
         _FORWARD_CACHE[key] = fn
     return fn
@@ -252,8 +252,13 @@ def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_
     local = {canon_prefix + k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
     if not local:
         raise ModelConfigError(f"no tensors named {prefix}* in the parameters passed for layer {layer}")
+    stacks = None
+    if family.is_moe_layer(layer):  # routed experts stacked once for every batch, passed instead of per expert
+        stacks = jax.device_put(family.expert_stacks(canon, local, dtype), NamedSharding(mesh, P()))
+        local = {k: v for k, v in local.items() if not k.startswith(canon_prefix + "mlp.experts.")}
     local = jax.device_put(local, NamedSharding(mesh, P()))
-    sig = tuple(sorted((k, tuple(v.shape), v.dtype.name) for k, v in local.items()))
+    sig = (tuple(sorted((k, tuple(v.shape), v.dtype.name) for k, v in local.items())),
+           None if stacks is None else tuple((tuple(a.shape), a.dtype.name) for a in stacks))
     fn = _forward_fn(family, canon, mesh, dtype, sig)
     replicated = NamedSharding(mesh, P())
 
@@ -267,11 +272,12 @@ def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_
         pieces = []
         if main:
             hs = h if main == b else h[:main]
-            out, s = fn(local, jax.device_put(hs, NamedSharding(mesh, _SAMPLES_SPEC)))
+            out, s = fn(local, stacks, jax.device_put(hs, NamedSharding(mesh, _SAMPLES_SPEC)))
             stats.append(s)
             pieces.append(out)
         if main < b:  # fewer rows than devices: every device runs them (replicated)
-            out, s = family.layer_forward(canon, local, jax.device_put(h[main:], replicated), dtype=dtype)
+            out, s = family.layer_forward(canon, local, jax.device_put(h[main:], replicated), dtype=dtype,
+                                          experts=stacks)
             stats.append(s)
             pieces.append(out)
         outputs.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0))

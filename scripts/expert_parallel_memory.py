@@ -7,6 +7,13 @@ memory analysis (compile only: no tensor is allocated, so the real 384-expert la
 For each device count D: the compiled program's per-device argument bytes (E/D experts + the
 replicated part + the device's rows), output and temporary bytes (XLA:CPU's; a TPU compile differs
 in temporaries, not in arguments), and the same figures from the tensor shapes, as JSON lines.
+
+XLA:CPU has no ragged-dot instruction: JAX lowers ``ragged_dot`` there by expanding the rows to
+``[G, M, K]`` (every row once per group, masked), a temporary of G x the sorted rows that XLA:TPU,
+which lowers ``ragged_dot`` to its own instruction, does not have. ``--ragged native-estimate``
+compiles instead with a stand-in of the same output (``[M, N]``, one plain dot of the rows
+against the sum over the block's experts, so every weight is read as the real one reads it) for
+the temporaries a native ragged dot leaves: an estimate of the TPU figure, not a measurement.
 """
 
 from __future__ import annotations
@@ -56,14 +63,26 @@ def layer_memory(num_devices: int, experts: int, tokens_per_device: int) -> dict
             "shapes_rows_per_device": tokens_per_device * h * 2}
 
 
+def _native_ragged_standin(x, w, sizes, dtype):
+    """The buffers of a native ragged dot (output [M, N], every group's weights read), not its
+    arithmetic (memory estimates)."""
+    return jnp.einsum("mk,gnk->mn", x, w, preferred_element_type=jnp.float32).astype(dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, nargs="+", default=[8])
     ap.add_argument("--experts", type=int, default=384)
     ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens per device per forward")
+    ap.add_argument("--ragged", choices=("xla-cpu", "native-estimate"), default="xla-cpu",
+                    help="compile ragged_dot as XLA:CPU lowers it, or the native-instruction estimate")
     args = ap.parse_args()
+    if args.ragged == "native-estimate":
+        from nvfp4_jax.models import moe
+
+        moe._ragged_matmul = _native_ragged_standin
     for d in args.devices:
-        print(json.dumps(layer_memory(d, args.experts, args.tokens)), flush=True)
+        print(json.dumps({"ragged": args.ragged, **layer_memory(d, args.experts, args.tokens)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,28 @@
-"""Where a Kimi-K2-shaped MoE layer's calibration forward spends its time (one batch of 8x512):
-the whole layer_forward, run_experts alone, each expert path (auto / padded / ragged), the
-chunk plan. Usage: python scripts/profile_moe_layer.py [workdir] (builds the source there)."""
+"""Where a Kimi-K2-shaped MoE layer's calibration forward spends its time, against the bare
+matmuls of the same tokens.
 
+    PYTHONPATH=. python scripts/profile_moe_layer.py [--workdir DIR] [--experts 32] \\
+        [--samples 8] [--seq-len 64] [--repeats 3] [--modes auto padded ragged]
+
+Builds a `kimi-k2-shaped` source (layer 0 dense, layer 1 MoE; Kimi-K2's real widths) in DIR/src
+unless it is there, runs layer 0 to get the MoE layer's input, then for each matmul path
+(``NVFP4_MOE_MATMUL``) times ``layer_forward`` of the MoE layer on one batch of
+samples x seq-len tokens (``repeats`` calls after a first, compiling, one), and ``bare_matmul``:
+one jitted program of every matmul the layer's forward does for those tokens, with the same
+operand dtypes and float32 accumulation (each non-expert linear on the T tokens, the routed
+experts as T x top-k rows against one expert's gate, up and down: the FLOPs of the grouped
+matmuls at perfect efficiency; no attention scores, norms, routing or dispatch). The ratio
+layer_forward / bare_matmul is issue 13's CPU acceptance figure (at most 2).
+
+The layer's routed experts are stacked once (``family.expert_stacks``) when the code has it, and
+passed to every call, as calibration does; with older code (no ``expert_stacks``) each call
+stacks them itself, as calibration did then. Run the same script with PYTHONPATH at another
+checkout to compare code back to back. Prints one JSON line per path and one for the matmuls.
+"""
+
+import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +32,10 @@ import numpy as np
 
 from nvfp4_jax.checkpoint.reader import CheckpointReader
 from nvfp4_jax.examples import build_kimi_k2_shaped, calibration_samples
-from nvfp4_jax.models import family as family_mod, get_family, moe
+from nvfp4_jax.models import get_family, moe
 
 
-def timed(fn, repeats=3):
+def timed(fn, repeats: int) -> list:
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -26,42 +44,96 @@ def timed(fn, repeats=3):
     return out
 
 
-def main():
-    work = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/prof")
-    src = work / "src"
+def layer_matmul_shapes(family, layer: int, params: dict, tokens: int) -> list:
+    """(rows, weight) of every matmul of ``layer``'s forward on ``tokens`` tokens: each 2-D weight
+    that is not a routed expert on the tokens, and routed expert 0's weights on tokens x top-k
+    rows (all experts have its shapes; the routed rows add up to tokens x top-k)."""
+    prefix = family.layer_prefix(layer, params)
+    experts = prefix + "mlp.experts."
+    top_k = int(family.config.get("num_experts_per_tok", 0))
+    shapes = []
+    for name, w in sorted(params.items()):
+        if not name.startswith(prefix) or w.ndim != 2 or not name.endswith(".weight"):
+            continue
+        if name.startswith(experts):
+            if name.startswith(experts + "0."):
+                shapes.append((tokens * top_k, w))
+        else:
+            shapes.append((tokens, w))
+    return shapes
+
+
+def bare_matmul(shapes: list, dtype, repeats: int) -> dict:
+    """Seconds of one jitted program computing ``x [rows, in] . w [out, in]^T`` for every
+    (rows, w) of ``shapes`` (operands in w's dtype, float32 accumulation, rounded to ``dtype``),
+    and its FLOPs."""
+    rng = np.random.default_rng(0)
+    xs = [jnp.asarray(rng.standard_normal((rows, w.shape[1]), np.float32)).astype(w.dtype) for rows, w in shapes]
+    ws = [w for _, w in shapes]
+
+    @jax.jit
+    def matmuls(xs, ws):
+        return [jnp.einsum("tk,nk->tn", x, w, preferred_element_type=jnp.float32).astype(dtype)
+                for x, w in zip(xs, ws)]
+
+    jax.block_until_ready(matmuls(xs, ws))
+    flops = sum(2 * rows * int(w.shape[0]) * int(w.shape[1]) for rows, w in shapes)
+    return {"bare_matmul_s": timed(lambda: matmuls(xs, ws), repeats), "gflop": round(flops / 1e9, 1)}
+
+
+def _plan_text(plan) -> object:
+    """[experts ("all" or a count), capacity, skip] per padded program; "ragged" for ragged_dot."""
+    if plan is None:
+        return "ragged"
+    return [["all" if st.experts is None else len(st.experts), st.capacity, st.skip] for st in plan]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/tmp/prof")
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", default=["auto", "padded", "ragged"])
+    args = ap.parse_args()
+    src = Path(args.workdir) / f"src{args.experts}"
     if not src.is_dir():
-        build_kimi_k2_shaped(src, layers=2, experts=384)
+        build_kimi_k2_shaped(src, layers=2, experts=args.experts)
     reader = CheckpointReader(src)
     fam = get_family(reader.config)
-    emb = reader.get_many(fam.embed_param_names(reader.names()), jnp.bfloat16)
-    tokens = np.asarray(calibration_samples(src, 8, 512), np.int32)
+    dtype = jnp.bfloat16
+    emb = reader.get_many(fam.embed_param_names(reader.names()), dtype)
+    tokens = np.asarray(calibration_samples(src, args.samples, args.seq_len), np.int32)
     h = fam.embed(emb, jnp.asarray(tokens))
-    p0 = fam.read_layer(reader, 0, dtype=jnp.bfloat16)
+    p0 = fam.read_layer(reader, 0, dtype=dtype)
     h, _ = fam.layer_forward(0, p0, h)
     del p0
-    p1 = fam.read_layer(reader, 1, dtype=jnp.bfloat16)
+    p1 = fam.read_layer(reader, 1, dtype=dtype)
     jax.block_until_ready(p1)
-    plans, expert_s = [], []
-    real_plan, real_run = moe.chunk_matmul_plan, family_mod.run_experts
-
-    def plan(*a, **k):
-        plans.append(real_plan(*a, **k))
-        return plans[-1]
-
-    def run(*a, **k):
+    kwargs = {}
+    if hasattr(fam, "expert_stacks"):  # stacked once per layer, as calibrate_layer does
         t = time.perf_counter()
-        r = jax.block_until_ready(real_run(*a, **k))
-        expert_s.append(round(time.perf_counter() - t, 4))
-        return r
+        kwargs["experts"] = jax.block_until_ready(fam.expert_stacks(1, p1, dtype))
+        print(json.dumps({"stack_once_s": round(time.perf_counter() - t, 4)}), flush=True)
+    plans = []
+    real_plan = getattr(moe, "expert_matmul_plan", None)  # older code: chunk_matmul_plan, not recorded
+    if real_plan is not None:
+        def recorded_plan(*a, **k):
+            plans.append(real_plan(*a, **k))
+            return plans[-1]
 
-    moe.chunk_matmul_plan, family_mod.run_experts = plan, run
-    rows = {}
-    for mode in ("auto", "padded", "ragged"):
+        moe.expert_matmul_plan = recorded_plan
+    for mode in args.modes:
         os.environ[moe.MOE_MATMUL_ENV] = mode
-        plans.clear(), expert_s.clear()
-        layer_s = timed(lambda: fam.layer_forward(1, p1, h)[0])
-        rows[mode] = {"layer_forward_s": layer_s, "run_experts_s": list(expert_s), "plan": plans[-1]}
-        print(mode, json.dumps(rows[mode]), flush=True)
+        plans.clear()
+        first = timed(lambda: fam.layer_forward(1, p1, h, dtype=dtype, **kwargs)[0], 1)
+        again = timed(lambda: fam.layer_forward(1, p1, h, dtype=dtype, **kwargs)[0], args.repeats)
+        print(json.dumps({"mode": mode, "experts": args.experts, "tokens": int(tokens.size),
+                          "first_call_s": first[0], "layer_forward_s": again,
+                          "plan": _plan_text(plans[-1]) if plans else None}), flush=True)
+    row = bare_matmul(layer_matmul_shapes(fam, 1, p1, int(tokens.size)), dtype, args.repeats)
+    print(json.dumps({"experts": args.experts, "tokens": int(tokens.size), **row}), flush=True)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_routed_expert_input_hook_quantizes_each_row_with_its_experts_amax():
     torch = pytest.importorskip("torch")
     from torch_bridge import reference
 
-    from nvfp4_jax.models.moe import Dispatch, ExpertInputAmax, ExpertWeights, experts_chunk_jit
+    from nvfp4_jax.models.moe import Dispatch, ExpertInputAmax, ExpertStacks, experts_chunk_jit
 
     rng = np.random.default_rng(0)
     h, inter, e = 32, 16, 3
@@ -131,8 +131,8 @@ def test_routed_expert_input_hook_quantizes_each_row_with_its_experts_amax():
     gu_amax = np.asarray([1.5, 2.0, 30.0], np.float32)  # expert 0: saturating
     dn_amax = np.asarray([0.1, 0.5, 4.0], np.float32)
     dispatch = Dispatch(jnp.asarray(x), jnp.asarray(expert_sorted), None, jnp.asarray([2, 3, 2], jnp.int32), None)
-    weights = ExpertWeights(*([jnp.asarray(a) for a in ws] for ws in (gate, up, down)))
-    y, _ = experts_chunk_jit(dispatch, jnp.int32(0), weights, ExpertInputAmax(jnp.asarray(gu_amax), jnp.asarray(dn_amax)),
+    weights = ExpertStacks(*(jnp.asarray(np.stack(ws)) for ws in (gate, up, down)))
+    y, *_ = experts_chunk_jit(dispatch, jnp.int32(0), weights, ExpertInputAmax(jnp.asarray(gu_amax), jnp.asarray(dn_amax)),
                              act_name="silu")
     silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
     fq = lambda v, a: reference.fake_quant(torch.from_numpy(v), float(a)).numpy()  # noqa: E731

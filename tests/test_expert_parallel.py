@@ -207,13 +207,17 @@ def check_argument_bytes() -> dict:
         # the data-parallel forward of nvfp4_jax.sharding, every tensor of the layer replicated
         full = family.read_layer(reader, layer, dtype)
         dmesh = sharding.device_mesh()
-        local = jax.device_put(full, jax.sharding.NamedSharding(dmesh, jax.sharding.PartitionSpec()))
-        sig = tuple(sorted((k, tuple(v.shape), v.dtype.name) for k, v in local.items()))
+        everywhere = jax.sharding.NamedSharding(dmesh, jax.sharding.PartitionSpec())
+        stacks = jax.device_put(family.expert_stacks(layer, full, dtype), everywhere)  # as forward_sharded passes them
+        local = jax.device_put({k: v for k, v in full.items() if expert_parallel.expert_of(k, prefix) is None},
+                               everywhere)
+        sig = (tuple(sorted((k, tuple(v.shape), v.dtype.name) for k, v in local.items())),
+               tuple((tuple(a.shape), a.dtype.name) for a in stacks))
         fn = sharding._forward_fn(family, sharding._canonical_layer(family, layer), dmesh, dtype, sig)
         hs = jax.device_put(hidden, jax.sharding.NamedSharding(dmesh, sharding._SAMPLES_SPEC))
-        ma = fn.lower(local, hs).compile().memory_analysis()
+        ma = fn.lower(local, stacks, hs).compile().memory_analysis()
         replicated = int(ma.argument_size_in_bytes) if ma is not None else sum(
-            int(np.prod(v.shape)) * v.dtype.itemsize for v in local.values())
+            int(np.prod(v.shape)) * v.dtype.itemsize for v in jax.tree.leaves((local, stacks)))
         reader.close()
     ma = got["memory_analysis"] or {}
     r = {"num_experts": family.num_experts, "devices": mesh.size, "bytes_per_expert": per_expert,

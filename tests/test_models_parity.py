@@ -339,19 +339,64 @@ def test_padded_expert_matmul_gives_the_same_layer(checkpoints, monkeypatch):
 
 
 def test_padded_matmul_rule(monkeypatch):
-    """Padded when C x capacity is at most PADDED_ROWS_FACTOR (4) times the sorted rows ragged_dot
-    is given; capacities come from a short ladder (16, 24, 32, 48, ...) never below the largest
-    expert's rows."""
+    """Two tiers: every expert's first c1 rows on the stacks as they are, then the rows past c1 of
+    the busier experts, gathered a chunk at a time in descending count; c1 on the capacity ladder
+    (16, 24, 32, 48, ...) of least cost in rows (slabs plus a gather cost per gathered expert);
+    padded steps of at most PADDED_ROWS_FACTOR (4) times the sorted rows, else ragged_dot."""
     from nvfp4_jax.models import moe
 
     monkeypatch.delenv(moe.MOE_MATMUL_ENV, raising=False)
     ladder = [moe.padded_capacity(r) for r in (0, 1, 16, 17, 24, 25, 33, 49, 65, 1000)]
     assert ladder == [16, 16, 16, 24, 24, 32, 48, 64, 96, 1024]
     assert moe.PADDED_ROWS_FACTOR == 4
-    sizes = np.array([10, 30, 0, 5, 200, 1], np.int64)  # 246 sorted rows
-    # chunks of 2: max 30 -> 32 (64 rows), max 5 -> 16 (32 rows), max 200 -> 256 (512 rows <= 4 x 246)
-    assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [32, 16, 256]
-    # chunk of 6: max 200 -> 256, 6 x 256 = 1536 > 4 x 246 = 984: ragged
-    assert moe.chunk_matmul_plan(sizes, [0], 6, 246) == [None]
+    sizes = np.array([10, 30, 0, 5, 200, 1, 0, 0], np.int64)  # 246 sorted rows
+
+    def steps(plan):
+        return [(None if s.experts is None else list(s.experts), s.capacity, s.skip) for s in plan]
+
+    # costs (gather 16 rows an expert): c1=0: [4] 256 alone (its middle-of-2 neighbour, 30 rows,
+    # needs 32 < 256 / 2), then [1,0] 32, [3,5] 16 -> 256+64+32+5x16 = 432; c1=16: 128, then past
+    # 16: [4] (184 rows) 192 alone, [1] (14) 16 -> 128+192+16+2x16 = 368; c1=32: 256+192+16 = 464;
+    # c1=48: 384+192+16 = 592; c1=96: 768+128+16 = 912; c1=128: 8 x 128 > 4 x 246: stop
+    assert steps(moe.expert_matmul_plan(sizes, 2, 246, gather_rows=16)) == [(None, 16, 0), ([4], 192, 16),
+                                                                            ([1], 16, 16)]
+    # gathers so dear that one tier covers every row, where the rule lets 8 x 256 rows be padded
+    assert steps(moe.expert_matmul_plan(sizes, 4, 600, gather_rows=10_000)) == [(None, 256, 0)]
+    # no first tier (10 x 16 > 4 x 35): chunks of 4, the last 3 busy experts padded to 4 (expert 7)
+    seven = np.array([5] * 7 + [0] * 3, np.int64)
+    assert steps(moe.expert_matmul_plan(seven, 4, 35)) == [([0, 1, 2, 3], 16, 0), ([4, 5, 6, 7], 16, 0)]
+    assert moe.expert_matmul_plan(np.zeros(8, np.int64), 2, 0) == []
+    # 10 rows over 64 experts: 64 x 16 > 4 x 10, and one chunk of 16 x 16 too: ragged
+    spread = np.array([1] * 10 + [0] * 54, np.int64)
+    assert moe.expert_matmul_plan(spread, 64, 10) is None
+    monkeypatch.setenv(moe.MOE_MATMUL_ENV, "padded")
+    # forced: the 10 busy experts and 6 without rows, a power of two (16 x 16 rows + 16 gathers
+    # against 64 x 16 for a first tier)
+    assert steps(moe.expert_matmul_plan(spread, 64, 10, gather_rows=16)) == [(list(range(16)), 16, 0)]
     monkeypatch.setenv(moe.MOE_MATMUL_ENV, "ragged")
-    assert moe.chunk_matmul_plan(sizes, [0, 2, 4], 2, 246) == [None, None, None]
+    assert moe.expert_matmul_plan(sizes, 2, 246) is None
+
+
+def test_stacks_built_once_serve_every_batch(checkpoints):
+    """layer_forward with the layer's experts stacked once (family.expert_stacks, as calibration
+    passes them) gives the bytes of the per-call stacking on two different batches; stacks of
+    another expert count are refused; a dense layer has no stacks."""
+    import jax
+
+    path = checkpoints("deepseek_v3")
+    family = get_family(mf.read_config(path))
+    params = mf.load_params(path, family, jnp.bfloat16)
+    stacks = family.expert_stacks(1, params, jnp.bfloat16)
+    assert family.expert_stacks(0, params, jnp.bfloat16) is None
+    assert stacks.gate.shape[0] == family.spec.num_experts and stacks.gate.dtype == jnp.bfloat16
+    ids = _input_ids()
+    for batch in (ids, ids[:, ::-1].copy()):
+        hidden = family.embed(params, batch, dtype=jnp.bfloat16)
+        (a, sa), (b, sb) = (family.layer_forward(1, params, hidden, dtype=jnp.bfloat16, experts=s)
+                            for s in (None, stacks))
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        for x, y in zip(jax.tree.leaves(jax.device_get(sa)), jax.tree.leaves(jax.device_get(sb))):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    fewer = type(stacks)(*(s[:-1] for s in stacks))
+    with pytest.raises(ModelConfigError, match="stacked experts"):
+        family.layer_forward(1, params, hidden, dtype=jnp.bfloat16, experts=fewer)

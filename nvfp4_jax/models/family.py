@@ -16,7 +16,7 @@ from nvfp4_jax.families import find_family_spec
 
 from .exact_jit import exact_jit
 from .hessian import expert_block_second_moment_sum
-from .moe import ExpertNames, combine_experts, run_experts, sort_by_expert
+from .moe import ExpertNames, ExpertStacks, combine_experts, run_experts, sort_by_expert
 from .ops import LayerParams, ModelConfigError, Params, linear, rms_norm
 from .stats import LayerStats, RoutedExpertStats
 
@@ -103,8 +103,8 @@ class Family:
     name: str = ""
     _dense_layer: Callable
     _moe_pre: Callable | None = None
-    # routed experts stacked at once for one grouped matmul; None: as many as fit
-    # moe.EXPERT_STACK_BYTES (2 GiB), which bounds the extra memory of stacking
+    # routed experts per grouped-matmul program; None: as many as fit moe.EXPERT_STACK_BYTES
+    # (2 GiB), which bounds the copy of their weights a program takes from the layer's stacks
     expert_chunk_size: int | None = None
 
     def __init__(self, config: Mapping[str, Any]):
@@ -196,13 +196,24 @@ class Family:
             lm = p[self.tensor_name("model.embed_tokens.weight")]
         return _head_jit(p[self.tensor_name("model.norm.weight")], lm, hidden, float(self.spec.eps))
 
+    def expert_stacks(self, layer: int, params: Params, dtype=jnp.bfloat16) -> ExpertStacks | None:
+        """The routed experts of MoE layer `layer` stacked once (`moe.ExpertStacks`, compute dtype,
+        checkpoint orientation) for every batch's `layer_forward(experts=...)`; None for a dense
+        layer. The stacks are one more copy of the layer's routed experts while they live."""
+        if not self.is_moe_layer(layer):
+            return None
+        return ExpertNames(self.layer_prefix(layer, params) + "mlp.experts", self.spec.num_experts).stacks(
+            params, jnp.dtype(dtype))
+
     def layer_forward(self, layer: int, params: Params, hidden: jax.Array, *, dtype=jnp.bfloat16,
-                      input_amax: Params | None = None, collect_hessian: bool = False) -> tuple[jax.Array, LayerStats]:
+                      input_amax: Params | None = None, collect_hessian: bool = False,
+                      experts: ExpertStacks | None = None) -> tuple[jax.Array, LayerStats]:
         """Run decoder layer `layer` on hidden [B, S, H] -> (hidden, LayerStats).
 
         params: checkpoint-named tensors; only the names of this layer are read (the dict may hold
-        more). Routed experts are per-expert tensors, stacked `self.expert_chunk_size` at a time
-        (each chunk runs one grouped matmul over the expert-sorted rows).
+        more). Routed experts are per-expert tensors, stacked on each call unless `experts` gives
+        the layer's stacks (`expert_stacks`: built once, reused by every batch); they run
+        `self.expert_chunk_size` at a time (each chunk one grouped matmul over its rows).
         input_amax (evaluation): {module name: f32[]} of linears whose input is NVFP4
         fake-quantized with that tensor amax (as an engine serving the checkpoint quantizes it);
         routed experts are all given or none. Modules of other layers are ignored. The statistics
@@ -231,11 +242,14 @@ class Family:
             return hidden, LayerStats({prefix + k: v for k, v in observed.items()}, None,
                                       *_hessian_fields(prefix, hess, rows, collect_hessian))
         names = ExpertNames(prefix + "mlp.experts", self.spec.num_experts)
-        weights = names.weights(params)
+        stacks = names.stacks(params, hidden.dtype) if experts is None else experts
+        if stacks.num_experts != self.spec.num_experts:
+            raise ModelConfigError(f"layer {layer}: {stacks.num_experts} stacked experts given, "
+                                   f"the config has {self.spec.num_experts}")
         in_amax = names.input_amax(input_amax or {})
 
         def routed_experts(dispatch):
-            return run_experts(dispatch, weights, in_amax, act_name=self.spec.act, chunk_size=self.expert_chunk_size,
+            return run_experts(dispatch, stacks, in_amax, act_name=self.spec.act, chunk_size=self.expert_chunk_size,
                                collect_hessian=collect_hessian)
 
         return self._moe_forward(prefix, local, local_amax, hidden, routed_experts, _Static(window, collect_hessian))

@@ -1,10 +1,11 @@
-"""Routed experts: dispatch sorted by expert, grouped matmuls a chunk of experts at a time,
-per-expert statistics, and the weighted combine, with the roundings of transformers' MoE blocks."""
+"""Routed experts: dispatch sorted by expert, the layer's experts stacked once, grouped matmuls a
+chunk of experts at a time, per-expert statistics, and the weighted combine, with the roundings of
+transformers' MoE blocks."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from .exact_jit import exact_jit
 from .hessian import expert_block_second_moment_sum
 from .ops import ModelConfigError, Params, activation, input_fake_quant_rows
 
-EXPERT_STACK_BYTES = 2 << 30  # default bound on the experts stacked at once for one grouped matmul
+EXPERT_STACK_BYTES = 2 << 30  # default bound on the expert weights one chunk's program copies from the stacks
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -28,15 +29,29 @@ class Dispatch(NamedTuple):
     gate_up_input_amax: jax.Array  # f32 [E], 0 for experts without tokens
 
 
-class ExpertWeights(NamedTuple):
-    """Per-expert checkpoint tensors of a run of experts, one list per projection."""
+class ExpertStacks(NamedTuple):
+    """The routed experts of a MoE layer (or of one device's block of them) stacked along a
+    leading expert axis, in checkpoint orientation and the compute dtype. Built once per layer
+    (:meth:`ExpertNames.stacks`) and read by every calibration batch: the matmuls contract these
+    arrays as they are, no per-call re-stack or transpose."""
 
-    gate: Sequence[jax.Array]  # [I, H] each
-    up: Sequence[jax.Array]  # [I, H] each
-    down: Sequence[jax.Array]  # [H, I] each
+    gate: jax.Array  # [E, I, H]
+    up: jax.Array  # [E, I, H]
+    down: jax.Array  # [E, H, I]
 
-    def chunk(self, start: int, stop: int) -> "ExpertWeights":
-        return ExpertWeights(self.gate[start:stop], self.up[start:stop], self.down[start:stop])
+    @property
+    def num_experts(self) -> int:
+        return int(self.gate.shape[0])
+
+    def nbytes_per_expert(self) -> int:
+        return sum(int(np.prod(a.shape[1:])) * jnp.dtype(a.dtype).itemsize for a in self)
+
+
+def _stack(gate, up, down, dtype):
+    return ExpertStacks(*(jnp.stack([w.astype(dtype) for w in ws]) for ws in (gate, up, down)))
+
+
+_stack_jit = jax.jit(_stack, static_argnames=("dtype",))
 
 
 class ExpertInputAmax(NamedTuple):
@@ -59,8 +74,10 @@ class ExpertNames:
     def module(self, e: int, proj_name: str) -> str:
         return f"{self.prefix}.{e}.{proj_name}"
 
-    def weights(self, params: Params) -> ExpertWeights:
-        """The routed experts' weights from checkpoint-named `params`."""
+    def stacks(self, params: Params, dtype) -> ExpertStacks:
+        """The routed experts' checkpoint-named tensors of `params` stacked once, in `dtype` (one
+        extra copy of the layer's routed experts while the stacks live; the per-expert arrays stay
+        for the quantize phase)."""
         lists = []
         for proj_name in PROJECTIONS:
             lst = []
@@ -72,7 +89,7 @@ class ExpertNames:
                         "(routed experts must be given per expert, checkpoint layout)")
                 lst.append(params[key])
             lists.append(lst)
-        return ExpertWeights(*lists)
+        return _stack_jit(*lists, dtype=jnp.dtype(dtype))
 
     def input_amax(self, input_amax: Params) -> ExpertInputAmax | None:
         """The evaluation hook's amaxes when `input_amax` (module name -> f32[]) covers the routed
@@ -109,113 +126,147 @@ def sort_by_expert(x_tokens: jax.Array, topk_ids: jax.Array, num_experts: int) -
     return Dispatch(x_sorted, expert_sorted, order, group_sizes, gu_amax)
 
 
-def _stack_experts(weights: ExpertWeights, dtype):
-    """Per-expert checkpoint tensors -> ragged_dot operands [C+1, H, 2I] and [C+1, I, H].
-
-    Group 0 is an all-zero expert that absorbs the rows of experts before this chunk, so a chunk
-    can be run on the full sorted row array (rows after the chunk are not covered: output 0).
-    """
-    g = jnp.stack([w.astype(dtype) for w in weights.gate])   # [C, I, H]
-    u = jnp.stack([w.astype(dtype) for w in weights.up])
-    d = jnp.stack([w.astype(dtype) for w in weights.down])   # [C, H, I]
-    gu = jnp.concatenate([g, u], axis=1).swapaxes(1, 2)  # [C, H, 2I]
-    dn = d.swapaxes(1, 2)  # [C, I, H]
-    gu = jnp.concatenate([jnp.zeros((1,) + gu.shape[1:], dtype), gu], axis=0)
-    dn = jnp.concatenate([jnp.zeros((1,) + dn.shape[1:], dtype), dn], axis=0)
-    return gu, dn
+# one ragged_dot contraction in checkpoint orientation: rows x [M, K] against each expert's
+# weight [N, K] (the stack [C, N, K]), contracting K with K, groups along the stack's axis 0
+_RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
-def experts_chunk(dispatch: Dispatch, start, weights: ExpertWeights, in_amax: ExpertInputAmax | None = None,
-                  *, act_name: str, collect_hessian: bool = False):
-    """Run experts [start, start+C) on their rows of the expert-sorted assignments.
+def _ragged_matmul(x, w, sizes, dtype):
+    return jax.lax.ragged_dot_general(x, w, sizes, _RAGGED_DIMS, preferred_element_type=jnp.float32).astype(dtype)
 
-    in_amax (evaluation hook, [C] each): fake-quantize each row's gate/up resp. down input with
-    its expert's input amax.
-    Returns (y_sorted [T*k, H] with zeros outside the chunk's rows, down_input_amax f32 [C]), and
-    with collect_hessian the block second-moment sums of the down inputs f32 [C, I/16, 16, 16].
+
+def _padded_matmul(x, w, dtype):
+    """Slabs x [C, R, K] times their expert's weight w [C, N, K] (checkpoint orientation) ->
+    [C, R, N]: bf16 operands, float32 accumulation, rounded to dtype."""
+    return jnp.einsum("crk,cnk->crn", x, w, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def experts_chunk(dispatch: Dispatch, start, stacks: ExpertStacks, in_amax: ExpertInputAmax | None = None, *,
+                  act_name: str):
+    """Run experts [start, start+C) (`stacks`: those C experts, e.g. one device's block) on their
+    rows of the expert-sorted assignments with ragged_dot over every sorted row.
+
+    Rows of other experts are given to the chunk's first (rows before the chunk) and last (rows
+    after) expert, so the group sizes cover the row array and no zero weight is needed, and are
+    zeroed in the results. in_amax (evaluation hook, [C] each): fake-quantize each row's gate/up
+    resp. down input with its expert's input amax.
+    Returns (y_sorted [T*k, H] with zeros outside the chunk's rows, down_input_amax f32 [C], the
+    down inputs [T*k, I] before their fake quant with zeros outside the chunk's rows).
     """
     x_sorted, expert_sorted, group_sizes = dispatch.x_sorted, dispatch.expert_sorted, dispatch.group_sizes
     dtype = x_sorted.dtype
-    c = len(weights.gate)
+    c = stacks.num_experts
+    num_rows = x_sorted.shape[0]
     act = activation(act_name)
-    gu_w, dn_w = _stack_experts(weights, dtype)
     num_experts = group_sizes.shape[0]
     before = jnp.sum(jnp.where(jnp.arange(num_experts) < start, group_sizes, 0)).astype(jnp.int32)
-    chunk_sizes = jax.lax.dynamic_slice(group_sizes, (start,), (c,))
-    sizes = jnp.concatenate([before[None], chunk_sizes]).astype(jnp.int32)
+    chunk_sizes = jax.lax.dynamic_slice(group_sizes, (start,), (c,)).astype(jnp.int32)
+    after = (num_rows - before - jnp.sum(chunk_sizes)).astype(jnp.int32)
+    sizes = chunk_sizes.at[0].add(before).at[c - 1].add(after)
     local = expert_sorted - start  # out-of-chunk ids fall outside [0, C) and are dropped
+    in_chunk = ((local >= 0) & (local < c))[:, None]
     row_expert = jnp.clip(local, 0, c - 1)  # rows outside the chunk: any amax, their output is unused
     x_in = x_sorted
     if in_amax is not None:
         x_in = input_fake_quant_rows(x_sorted, in_amax.gate_up[row_expert])
-    gu = jax.lax.ragged_dot(x_in, gu_w, sizes, preferred_element_type=jnp.float32).astype(dtype)
-    inter = gu.shape[-1] // 2
-    h = act(gu[:, :inter]) * gu[:, inter:]
+    g = _ragged_matmul(x_in, stacks.gate, sizes, dtype)
+    u = _ragged_matmul(x_in, stacks.up, sizes, dtype)
+    h = jnp.where(in_chunk, act(g) * u, jnp.zeros((), dtype))
     row_amax = jnp.max(jnp.abs(h), axis=-1).astype(jnp.float32)
     down_amax = jax.ops.segment_max(row_amax, local, num_segments=c, indices_are_sorted=True)
     down_amax = jnp.where(chunk_sizes > 0, down_amax, 0.0).astype(jnp.float32)
-    down_hessian = expert_block_second_moment_sum(h, local, c) if collect_hessian else None
-    if in_amax is not None:
-        h = input_fake_quant_rows(h, in_amax.down[row_expert])
-    y = jax.lax.ragged_dot(h, dn_w, sizes, preferred_element_type=jnp.float32).astype(dtype)
-    return (y, down_amax) if down_hessian is None else (y, down_amax, down_hessian)
+    h_in = h if in_amax is None else input_fake_quant_rows(h, in_amax.down[row_expert])
+    y = jnp.where(in_chunk, _ragged_matmul(h_in, stacks.down, sizes, dtype), jnp.zeros((), dtype))
+    return y, down_amax, h
 
 
-experts_chunk_jit = exact_jit(experts_chunk, static_argnames=("act_name", "collect_hessian"))
+experts_chunk_jit = exact_jit(experts_chunk, static_argnames=("act_name",))
 
 
-def _stack_experts_padded(weights: ExpertWeights, dtype):
-    """Per-expert checkpoint tensors -> batched-matmul operands [C, H, 2I] and [C, I, H]."""
-    g = jnp.stack([w.astype(dtype) for w in weights.gate])   # [C, I, H]
-    u = jnp.stack([w.astype(dtype) for w in weights.up])
-    d = jnp.stack([w.astype(dtype) for w in weights.down])   # [C, H, I]
-    return jnp.concatenate([g, u], axis=1).swapaxes(1, 2), d.swapaxes(1, 2)
+class ChunkShape(NamedTuple):
+    """The static part of one chunk program (part of its compile key): the activation, and the
+    chunk's expert count (ragged range) or slab capacity (padded)."""
+
+    act_name: str
+    rows: int
 
 
-def experts_chunk_padded(dispatch: Dispatch, start, weights: ExpertWeights, in_amax: ExpertInputAmax | None = None,
-                         *, act_name: str, capacity: int, collect_hessian: bool = False):
-    """:func:`experts_chunk` as one batched matmul: each expert of the chunk gets its rows gathered
-    into a ``[capacity, H]`` slab (zero rows after its last one; capacity at least its row count),
-    so the matmuls cover C x capacity rows instead of the whole sorted row array. Same results and
-    roundings per row (bf16 operands, float32 accumulation, bf16 result); padded rows are left out
-    of every statistic and of the output."""
+def _experts_range(dispatch: Dispatch, start, stacks: ExpertStacks, in_amax: ExpertInputAmax | None, acc,
+                   shape: ChunkShape):
+    """:func:`experts_chunk` of experts [start, start + shape.rows) sliced from the layer's stacks inside
+    the program, its rows added into the accumulators ``acc = (y_sorted, down inputs | None)``
+    (donated: updated in place; rows of different chunks are disjoint, so the adds are exact)."""
+    def cut(a):
+        return jax.lax.dynamic_slice_in_dim(a, start, shape.rows)
+
+    hook = None if in_amax is None else ExpertInputAmax(*map(cut, in_amax))
+    y, down_amax, h = experts_chunk(dispatch, start, ExpertStacks(*map(cut, stacks)), hook, act_name=shape.act_name)
+    y_acc, h_acc = acc
+    return (y_acc + y, None if h_acc is None else h_acc + h), down_amax
+
+
+_experts_range_jit = exact_jit(_experts_range, static_argnames=("shape",), donate_argnames=("acc",))
+
+
+class SlabRows(NamedTuple):
+    """Which rows a padded program takes: rows ``[skip, skip + capacity)`` of each of ``experts``
+    (int32 [C]; None: every expert of the stacks). Both traced: not part of the compile key."""
+
+    experts: jax.Array | None
+    skip: jax.Array  # int32 []
+
+
+def experts_chunk_padded(dispatch: Dispatch, slab_rows: SlabRows, stacks: ExpertStacks,
+                         in_amax: ExpertInputAmax | None, acc, shape: ChunkShape):
+    """Experts as one batched matmul: each gets rows ``[skip, skip + capacity)`` of its own
+    gathered into a ``[capacity, H]`` slab (zero rows past its last one), so the matmuls cover C x
+    capacity rows. ``experts``: int32 [C], any C experts of the layer (e.g. of similar row counts),
+    their weights gathered from the layer's stacks inside the program (a copy of C experts, bounded
+    by EXPERT_STACK_BYTES through C); or None: every expert, the stacks used as they are (no copy).
+    Weights are contracted in checkpoint orientation. Results are written into the accumulators
+    ``acc = (y_sorted [T*k, H], down inputs [T*k, I] | None)`` (donated: updated in place, no
+    full-size temporary per chunk). Same results and roundings per row as :func:`experts_chunk`
+    (bf16 operands, float32 accumulation, bf16 result); padded rows are left out of every
+    statistic and of the output. ``shape.rows`` is the capacity. Returns (acc, down_input_amax f32
+    [C] over these rows)."""
     x_sorted, group_sizes = dispatch.x_sorted, dispatch.group_sizes
     dtype = x_sorted.dtype
-    c = len(weights.gate)
-    act = activation(act_name)
-    gu_w, dn_w = _stack_experts_padded(weights, dtype)
+    act = activation(shape.act_name)
+    capacity, experts = shape.rows, slab_rows.experts
+    if experts is None:
+        experts = jnp.arange(stacks.num_experts, dtype=jnp.int32)
+        gate, up, down = stacks
+    else:
+        gate, up, down = (a[experts] for a in stacks)
+    c = experts.shape[0]
     offsets = jnp.cumsum(group_sizes) - group_sizes  # first sorted row of each expert
-    chunk_sizes = jax.lax.dynamic_slice(group_sizes, (start,), (c,))
-    chunk_offsets = jax.lax.dynamic_slice(offsets, (start,), (c,))
-    slot = jnp.arange(capacity, dtype=jnp.int32)
+    chunk_sizes, chunk_offsets = group_sizes[experts], offsets[experts]
+    slot = slab_rows.skip + jnp.arange(capacity, dtype=jnp.int32)
     valid = slot[None, :] < chunk_sizes[:, None]  # [C, cap]
     num_rows = x_sorted.shape[0]
     rows = jnp.where(valid, chunk_offsets[:, None] + slot[None, :], num_rows)  # padded: out of range
     x = jnp.where(valid[..., None], x_sorted[jnp.minimum(rows, num_rows - 1)], jnp.zeros((), dtype))
     if in_amax is not None:
         x = input_fake_quant_rows(x.reshape(c * capacity, -1),
-                                  jnp.repeat(in_amax.gate_up, capacity)).reshape(x.shape)
-    gu = jnp.einsum("crh,chn->crn", x, gu_w, preferred_element_type=jnp.float32).astype(dtype)
-    inter = gu.shape[-1] // 2
-    h = act(gu[..., :inter]) * gu[..., inter:]
+                                  jnp.repeat(in_amax.gate_up[experts], capacity)).reshape(x.shape)
+    h = act(_padded_matmul(x, gate, dtype)) * _padded_matmul(x, up, dtype)
     h = jnp.where(valid[..., None], h, jnp.zeros((), dtype))
     row_amax = jnp.max(jnp.abs(h), axis=-1).astype(jnp.float32)
-    down_amax = jnp.where(chunk_sizes > 0, jnp.max(jnp.where(valid, row_amax, 0.0), axis=-1), 0.0)
-    down_amax = down_amax.astype(jnp.float32)
-    down_hessian = None
-    if collect_hessian:
-        ids = jnp.where(valid, jnp.arange(c, dtype=jnp.int32)[:, None], c)  # padded rows: no expert
-        down_hessian = expert_block_second_moment_sum(h.reshape(c * capacity, -1), ids.reshape(-1), c)
+    down_amax = jnp.max(jnp.where(valid, row_amax, 0.0), axis=-1)
+    y_acc, h_acc = acc
+    flat_rows = rows.reshape(-1)
+    if h_acc is not None:
+        h_acc = h_acc.at[flat_rows].set(h.reshape(c * capacity, -1), mode="drop")
     if in_amax is not None:
         h = input_fake_quant_rows(h.reshape(c * capacity, -1),
-                                  jnp.repeat(in_amax.down, capacity)).reshape(h.shape)
-    y = jnp.einsum("cri,cin->crn", h, dn_w, preferred_element_type=jnp.float32).astype(dtype)
-    y_sorted = jnp.zeros((num_rows, y.shape[-1]), dtype).at[rows.reshape(-1)].set(
-        y.reshape(c * capacity, -1), mode="drop")
-    return (y_sorted, down_amax) if down_hessian is None else (y_sorted, down_amax, down_hessian)
+                                  jnp.repeat(in_amax.down[experts], capacity)).reshape(h.shape)
+    y = _padded_matmul(h, down, dtype)
+    y_acc = y_acc.at[flat_rows].set(y.reshape(c * capacity, -1), mode="drop")
+    return (y_acc, h_acc), down_amax.astype(jnp.float32)
 
 
-experts_chunk_padded_jit = exact_jit(experts_chunk_padded, static_argnames=("act_name", "capacity", "collect_hessian"))
+experts_chunk_padded_jit = exact_jit(experts_chunk_padded, static_argnames=("shape",), donate_argnames=("acc",))
 
 MOE_MATMUL_ENV = "NVFP4_MOE_MATMUL"  # auto (default) | padded | ragged: forces one path (benchmarks)
 # padded slabs may hold up to this many times the sorted rows: measured on an H200 (2026-12-02, a
@@ -235,65 +286,149 @@ def padded_capacity(rows: int) -> int:
     return cap
 
 
-def chunk_matmul_plan(group_sizes: np.ndarray, starts: Sequence[int], chunk: int, num_rows: int) -> list:
-    """Per chunk, the capacity of its padded batched matmul, or None for ragged_dot.
+class PaddedStep(NamedTuple):
+    """One padded program of a batch: rows ``[skip, skip + capacity)`` of each of ``experts``
+    (int32 [C], weights gathered from the stacks), or of every expert (``experts`` None: the
+    stacks as they are)."""
 
-    The rule: padded when ``C x capacity <= PADDED_ROWS_FACTOR x num_rows``, num_rows being the
-    rows one ragged_dot call is given (the whole expert-sorted row array: rows outside the chunk
-    are absorbed or dropped, not skipped), so padded slabs never exceed 4x the sorted row array
-    and padded runs where it was measured cheaper (see PADDED_ROWS_FACTOR); a routing so skewed
-    that one expert's rows times C exceed that falls back to ragged_dot.
+    experts: np.ndarray | None
+    capacity: int
+    skip: int
+
+
+def gather_cost_rows() -> int:
+    """What gathering one expert's weights costs, in rows of its matmuls: a copy reads and writes
+    its 2P bytes, a row of its matmuls is 2P FLOPs, so about 2 x FLOP rate / memory bandwidth.
+    GPU and TPU: about 2 x 700 TFLOP/s / 4.8 TB/s (H200), some 300; this CPU: 2 x 90 GFLOP/s
+    (measured, 2 cores) / about 10 GB/s, some 20."""
+    return 16 if jax.default_backend() == "cpu" else 256
+
+
+def _needed_capacity(rows: int) -> int:
+    return padded_capacity(rows) if rows else 0
+
+
+def _hot_chunks(sizes: np.ndarray, skip: int, chunk: int, num_rows: int, force: str) -> list | None:
+    """Padded steps for the rows past ``skip`` of every expert that has some: those experts in
+    descending count of such rows, each step's capacity that of its first (largest). A step takes
+    ``chunk`` experts, or the largest power of two below it whose middle expert needs at least half
+    that capacity (so one busy expert is not padded with many smaller ones: a skewed routing's
+    busiest experts run alone or in small steps); a step may run past the last such expert into
+    experts without rows there (padding), so the compiled shapes stay (power of two or chunk,
+    capacity) pairs. None when a step exceeds the padded-rows rule."""
+    over = np.maximum(sizes - skip, 0)
+    order = np.argsort(-over, kind="stable").astype(np.int32)
+    hot = int(np.count_nonzero(over))
+    counts = [chunk] + [1 << b for b in range(chunk.bit_length() - 1, -1, -1) if 1 << b < chunk]
+    steps = []
+    i = 0
+    while i < hot:
+        cap = padded_capacity(int(over[order[i]]))
+        n = next(n for n in counts if n <= len(order) - i
+                 and (n == 1 or cap <= 2 * _needed_capacity(int(over[order[i + n // 2]]))))
+        if force != "padded" and n * cap > PADDED_ROWS_FACTOR * num_rows:
+            return None
+        steps.append(PaddedStep(order[i:i + n], cap, skip))
+        i += n
+    return steps
+
+
+def _steps_rows(steps: list, num_experts: int, gather_rows: int) -> int:
+    """A plan's cost in matmul rows: its slabs plus gathered experts at gather_rows each."""
+    return sum((num_experts if s.experts is None else len(s.experts)) * s.capacity
+               + (0 if s.experts is None else gather_rows * len(s.experts)) for s in steps)
+
+
+def expert_matmul_plan(group_sizes: np.ndarray, chunk: int, num_rows: int,
+                       gather_rows: int | None = None) -> list | None:
+    """The padded batched matmuls of a batch (:class:`PaddedStep` list), or None for ragged_dot
+    over contiguous chunks of ``chunk`` experts.
+
+    Two tiers: first every expert's rows up to a common capacity c1 in one program on the stacks
+    as they are (no weight copy), then the rows past c1 of the busier experts (:func:`_hot_chunks`,
+    their weights gathered, at most ``chunk`` a program, experts of similar counts together), so a
+    skewed routing pads only the programs of its busiest experts. c1 is the ladder capacity
+    (`padded_capacity`) of least cost in rows (slab rows plus ``gather_rows`` per gathered expert,
+    default :func:`gather_cost_rows`), 0 being no first tier (every expert with rows gathered);
+    capacities on the ladder keep the compiled shapes few across batches. Padded steps must each
+    have ``C x capacity <= PADDED_ROWS_FACTOR x num_rows``, num_rows being the rows one ragged_dot
+    call is given (the whole expert-sorted row array), else ragged_dot is used.
     ``NVFP4_MOE_MATMUL=padded|ragged`` forces one path.
     """
     import os
 
     force = os.environ.get(MOE_MATMUL_ENV, "auto")
-    plan = []
-    for start in starts:
-        sizes = group_sizes[start:start + chunk]
-        cap = padded_capacity(int(sizes.max(initial=0)))
-        fits = len(sizes) * cap <= PADDED_ROWS_FACTOR * num_rows
-        plan.append(None if force == "ragged" or (force != "padded" and not fits) else cap)
-    return plan
+    if force == "ragged":
+        return None
+    sizes = np.asarray(group_sizes).astype(np.int64)
+    num_experts = len(sizes)
+    gather_rows = gather_cost_rows() if gather_rows is None else gather_rows
+    largest = int(sizes.max(initial=0))
+    if largest == 0:
+        return []
+    best = None
+    candidates = [0]
+    while candidates[-1] < largest:
+        candidates.append(padded_capacity(candidates[-1] + 1))
+    for c1 in candidates:
+        steps = [] if c1 == 0 else [PaddedStep(None, c1, 0)]
+        if c1 and force != "padded" and num_experts * c1 > PADDED_ROWS_FACTOR * num_rows:
+            break  # larger c1 only grow the first tier
+        hot = _hot_chunks(sizes, c1, chunk, num_rows, force) if c1 < largest else []
+        if hot is None:
+            continue
+        steps += hot
+        cost = _steps_rows(steps, num_experts, gather_rows)
+        if best is None or cost < best[0]:
+            best = (cost, steps)
+    return None if best is None else best[1]
 
 
-def auto_chunk(weights: ExpertWeights) -> int:
-    """The most experts whose stacked weights fit EXPERT_STACK_BYTES (at least 1)."""
-    per_expert = sum(int(np.prod(lst[0].shape)) * jnp.dtype(lst[0].dtype).itemsize for lst in weights)
-    num_experts = len(weights.gate)
-    return max(1, min(num_experts, EXPERT_STACK_BYTES // max(per_expert, 1)))
+def auto_chunk(stacks: ExpertStacks) -> int:
+    """The most experts whose weights fit EXPERT_STACK_BYTES (at least 1): the copy one chunk's
+    program takes of its experts' weights."""
+    num_experts = stacks.num_experts
+    return max(1, min(num_experts, EXPERT_STACK_BYTES // max(stacks.nbytes_per_expert(), 1)))
 
 
-def run_experts(dispatch: Dispatch, weights: ExpertWeights, in_amax: ExpertInputAmax | None, *,
+_down_hessian_jit = jax.jit(expert_block_second_moment_sum, static_argnames=("num_experts",))
+
+
+def run_experts(dispatch: Dispatch, stacks: ExpertStacks, in_amax: ExpertInputAmax | None, *,
                 act_name: str, chunk_size: int | None = None, collect_hessian: bool = False):
-    """Every routed expert on its rows, `chunk_size` experts stacked at a time (default:
-    auto_chunk) -> (y_sorted [T*k, H], down_input_amax f32 [E]), and with collect_hessian the
-    down inputs' block second-moment sums f32 [E, I/16, 16, 16] third."""
-    num_experts = len(weights.gate)
-    chunk = chunk_size or auto_chunk(weights)
-    starts = list(range(0, num_experts, chunk))
+    """Every routed expert on its rows, from the layer's stacks, `chunk_size` experts a program
+    (default: auto_chunk) -> (y_sorted [T*k, H], down_input_amax f32 [E]), and with
+    collect_hessian the down inputs' block second-moment sums f32 [E, I/16, 16, 16] third (taken
+    once over every sorted row, so they do not depend on the chunking or the matmul path)."""
+    num_experts = stacks.num_experts
+    chunk = chunk_size or auto_chunk(stacks)
+    x_sorted = dispatch.x_sorted
+    num_rows = int(x_sorted.shape[0])
     if isinstance(dispatch.group_sizes, jax.core.Tracer):  # traced by a caller's jit: sizes unknown, ragged_dot
-        caps = [None] * len(starts)
-    else:  # one small read of the routing per layer: the capacities are compile-time shapes
-        caps = chunk_matmul_plan(np.asarray(jax.device_get(dispatch.group_sizes)), starts, chunk,
-                                 int(dispatch.x_sorted.shape[0]))
-    y_sorted = None
-    down_amax, down_hessian = [], []
-    for start, cap in zip(starts, caps):
-        stop = min(start + chunk, num_experts)
-        hook = None if in_amax is None else in_amax.chunk(start, stop)
-        if cap is None:
-            y, d, *h = experts_chunk_jit(dispatch, jnp.int32(start), weights.chunk(start, stop), hook,
-                                         act_name=act_name, collect_hessian=collect_hessian)
-        else:
-            y, d, *h = experts_chunk_padded_jit(dispatch, jnp.int32(start), weights.chunk(start, stop), hook,
-                                                act_name=act_name, capacity=cap, collect_hessian=collect_hessian)
-        y_sorted = y if y_sorted is None else y_sorted + y
-        down_amax.append(d)
-        down_hessian += h
+        plan = None
+    else:  # one small read of the routing per batch: the capacities are compile-time shapes
+        plan = expert_matmul_plan(np.asarray(jax.device_get(dispatch.group_sizes)), chunk, num_rows)
+    inter = int(stacks.gate.shape[1])
+    acc = (jnp.zeros_like(x_sorted), jnp.zeros((num_rows, inter), x_sorted.dtype) if collect_hessian else None)
+    if plan is None:
+        down_amax = []
+        for start in range(0, num_experts, chunk):
+            acc, d = _experts_range_jit(dispatch, jnp.int32(start), stacks, in_amax, acc,
+                                        shape=ChunkShape(act_name, min(chunk, num_experts - start)))
+            down_amax.append(d)
+        down_amax = jnp.concatenate(down_amax)
+    else:
+        down_amax = jnp.zeros((num_experts,), jnp.float32)  # experts without rows keep 0
+        for step in plan:
+            experts = None if step.experts is None else jnp.asarray(step.experts)
+            acc, d = experts_chunk_padded_jit(dispatch, SlabRows(experts, jnp.int32(step.skip)), stacks, in_amax,
+                                              acc, shape=ChunkShape(act_name, step.capacity))
+            # an expert's rows may span both tiers: its down input amax is the max of the two (exact)
+            down_amax = down_amax.at[np.arange(num_experts) if experts is None else experts].max(d)
+    y_sorted, down_inputs = acc
     if collect_hessian:
-        return y_sorted, jnp.concatenate(down_amax), jnp.concatenate(down_hessian)
-    return y_sorted, jnp.concatenate(down_amax)
+        return y_sorted, down_amax, _down_hessian_jit(down_inputs, dispatch.expert_sorted, num_experts=num_experts)
+    return y_sorted, down_amax
 
 
 def combine_experts(y_sorted, order, topk_ids, topk_weights, dtype):
