@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert: where sources and outputs go (default: a new temp dir)")
     b.add_argument("--compile-cache", metavar="DIR", default="off",
                    help="convert: JAX persistent compilation cache of the conversions; with a DIR an untimed "
-                        "conversion of the smallest checkpoint fills it first, so every timed run is warm "
+                        "conversion of the largest checkpoint fills it first, so every timed run is warm "
                         "(default: off, every run compiles from scratch, i.e. cold)")
     b.add_argument("--keep", action="store_true",
                    help="convert: keep sources and outputs in the workdir (a kept source is reused)")

@@ -200,8 +200,8 @@ def test_bench_warms_the_compile_cache_before_timed_runs_only_with_a_cache(tmp_p
     cache = str(tmp_path / "cc") if cache == "CACHE" else cache
     rows = bench.bench_convert(layers=(3, 2), experts=4, calib=(1, 8), workdir=tmp_path / "w", compile_cache=cache)
     timed = [(2, False), (3, False)]
-    # with a cache: the smallest checkpoint converted once first, its source kept for the timed run
-    assert calls == (timed if cache == "off" else [(2, True)] + timed)
+    # with a cache: the largest checkpoint converted once first, its source kept for the timed run
+    assert calls == (timed if cache == "off" else [(3, True)] + timed)
     assert [r["layers"] for r in rows if r["kind"] == "run"] == [2, 3]  # the warm-up is no row
 
 
