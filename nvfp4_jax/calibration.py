@@ -134,7 +134,8 @@ def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden:
         stats.observe(merged)
     else:
         out = []
-        stacks = family.expert_stacks(layer, params, dtype)  # MoE: routed experts stacked once for all batches
+        # MoE: routed experts stacked once for all batches, where the device has room for the copy
+        stacks = family.expert_stacks(layer, params, dtype) if _room_for_stacks(family, layer, params, dtype) else None
         for h in hidden:
             h, s = family.layer_forward(layer, params, h, dtype=dtype, experts=stacks)
             stats.observe(jax.device_get(s))
@@ -142,6 +143,35 @@ def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden:
         del stacks
     jax.block_until_ready(out)
     return list(out), stats
+
+
+# the layers the conversion may hold on the device beside the stacks: the one calibrating and the
+# next, read ahead (overlap.read_ahead)
+LAYERS_ON_DEVICE = 2
+STACK_HEADROOM = 0.15  # of the device's memory, kept free beside them for activations and autotuning
+
+
+def stacks_fit(stack_bytes: int, bytes_limit: int | None) -> bool:
+    """Whether a layer's expert stacks (one more copy of its routed experts, ``stack_bytes``) may be
+    built on a device of ``bytes_limit`` (None: no allocator limit known, e.g. CPU, whose host
+    memory the read-ahead bound covers): LAYERS_ON_DEVICE layers of those experts plus the stacks
+    plus STACK_HEADROOM of the memory must fit. Otherwise each batch stacks its chunks inside its
+    programs (slower, no extra copy). Decided from sizes alone, not from the memory in use at that
+    moment, so a run does not change path with the read-ahead's timing."""
+    if not bytes_limit:
+        return True
+    return (LAYERS_ON_DEVICE + 1) * stack_bytes <= (1.0 - STACK_HEADROOM) * bytes_limit
+
+
+def _room_for_stacks(family, layer: int, params: Mapping[str, jax.Array], dtype) -> bool:
+    if not family.is_moe_layer(layer):
+        return False
+    prefix = family.layer_prefix(layer, params) + "mlp.experts."
+    itemsize = jnp.dtype(dtype).itemsize
+    stack_bytes = sum(int(np.prod(v.shape)) * itemsize for k, v in params.items()
+                      if k.startswith(prefix) and k.endswith(".weight"))
+    stats = jax.devices()[0].memory_stats() or {}
+    return stacks_fit(stack_bytes, stats.get("bytes_limit"))
 
 
 @dataclasses.dataclass
@@ -170,7 +200,7 @@ def collect_hessians(family, layer: int, params: Mapping[str, jax.Array], hidden
     rows: dict[str, jax.Array] = {}
     gate_up = down = tokens = None
     prefix = None
-    stacks = family.expert_stacks(layer, params, dtype)
+    stacks = family.expert_stacks(layer, params, dtype) if _room_for_stacks(family, layer, params, dtype) else None
     for h in hidden:
         _, s = family.layer_forward(layer, params, jax.device_put(h, device), dtype=dtype, input_amax=input_amax,
                                     collect_hessian=True, experts=stacks)

@@ -274,6 +274,10 @@ def main(argv=None) -> int:
     from nvfp4_jax.interrupts import Interrupted, signals_raise
 
     args = build_parser().parse_args(argv)
+    # JAX's GPU allocator takes 75% of the memory by default; a conversion is the GPU's only job
+    # and a Kimi MoE layer, the next one read ahead and its expert stacks need about 105 GB of an
+    # H200's 141 (read when the backend starts, so a user's own setting wins)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     try:
         with signals_raise():
             return args.func(args)

@@ -333,3 +333,21 @@ def test_k_not_multiple_of_16_stays_bf16_and_is_reported(tmp_path):
     hf = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
     assert hf == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert verify(out) == []
+
+
+def test_without_room_for_expert_stacks_the_bytes_are_the_same(kimi, tmp_path, monkeypatch):
+    """A device too small for a layer's expert stacks falls back to stacking inside each batch's
+    programs: same output bytes, and the size rule itself on hand-computed sizes."""
+    from nvfp4_jax import calibration
+
+    assert calibration.stacks_fit(10, None)  # no allocator limit known (CPU)
+    assert calibration.stacks_fit(28, 100) and not calibration.stacks_fit(29, 100)  # 3 x 28 <= 85 < 3 x 29
+    tokens = examples.calibration_samples(kimi / "tokenizer.json", 2, 16)
+    convert(kimi, tmp_path / "a", ConvertOptions(calib_tokens=tokens, progress=False))
+    built = []
+    real = calibration.stacks_fit
+    monkeypatch.setattr(calibration, "stacks_fit", lambda n, limit: built.append(real(n, limit)) or False)
+    convert(kimi, tmp_path / "b", ConvertOptions(calib_tokens=tokens, progress=False))
+    assert built and all(built)  # asked for every MoE layer, and the stacks would have fit
+    a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
