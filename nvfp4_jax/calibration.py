@@ -170,7 +170,7 @@ def _room_for_stacks(family, layer: int, params: Mapping[str, jax.Array], dtype)
     itemsize = jnp.dtype(dtype).itemsize
     stack_bytes = sum(int(np.prod(v.shape)) * itemsize for k, v in params.items()
                       if k.startswith(prefix) and k.endswith(".weight"))
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # this process's device: the one the batches run on
     return stacks_fit(stack_bytes, stats.get("bytes_limit"))
 
 
@@ -194,8 +194,8 @@ def collect_hessians(family, layer: int, params: Mapping[str, jax.Array], hidden
     """The second pass of local-hessian calibration over the layer's input batches ``hidden``:
     the linears in ``input_amax`` (the max-calibrated amax of the quantized linears) get their
     inputs NVFP4 fake-quantized, weights stay unquantized, and every linear's block second moments
-    are accumulated on device. Batches run one by one on the first device."""
-    device = jax.devices()[0]
+    are accumulated on device. Batches run one by one on this process's first device."""
+    device = jax.local_devices()[0]
     sums: dict[str, jax.Array] = {}
     rows: dict[str, jax.Array] = {}
     gate_up = down = tokens = None
