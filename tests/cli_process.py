@@ -26,3 +26,24 @@ def wait_for_first_layer(out: Path, p: subprocess.Popen, timeout: float = 300) -
         if manifest.exists() and '"layer.0"' in manifest.read_text():
             return
         time.sleep(0.05)
+
+
+def finish_all(procs: list[subprocess.Popen], timeout: float) -> tuple[list, list[str]]:
+    """(return codes, outputs) once every process ended; past ``timeout`` seconds in all they are
+    killed (SIGKILL: a process hung in a collective ignores SIGTERM, JAX's preemption notifier) and
+    the output says so, so a hang fails the caller's assertions instead of blocking the suite."""
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+            except subprocess.TimeoutExpired:
+                p.kill()
+                outs.append(f"(killed after {timeout:.0f} s) " + p.communicate()[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], outs

@@ -38,6 +38,7 @@ from nvfp4_jax.checkpoint.writer import PlannedWriter, WriterOptions
 from nvfp4_jax.checkpoint.formats import modelopt_configs
 from nvfp4_jax.checkpoint.safetensors_io import CheckpointError, st_dtype
 from nvfp4_jax.distributed import heartbeat_seconds
+from tests.cli_process import finish_all
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 400  # s, a whole multi-process run on a busy 2-core machine
@@ -119,19 +120,7 @@ def launch(work, model, out, n, extra=(), fault=None):
 
 
 def finish(procs, timeout=RUN_TIMEOUT):
-    """(return codes, outputs) once every process ended; kills them all past ``timeout``."""
-    deadline = time.monotonic() + timeout
-    outs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
-            outs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [p.returncode for p in procs], outs
+    return finish_all(procs, timeout)
 
 
 def assert_same_files(ref: Path, out: Path):

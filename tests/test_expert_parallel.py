@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.device_worker import check_results, run_device_worker
+
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
 
@@ -38,26 +40,9 @@ def _env(n: int) -> dict:
     return env
 
 
-def _run_worker(checks: str, timeout: int = 900) -> dict:
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), checks], cwd=ROOT, env=_env(N_DEVICES),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"worker {checks} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    last = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert last, proc.stdout[-4000:]
-    return json.loads(last[-1][len("RESULT "):])
-
-
 @pytest.fixture(scope="module")
 def worker():
-    r = _run_worker("forward,argument_bytes")
-    assert r["devices"] == N_DEVICES
-
-    def get(check):
-        res = r[check]
-        assert "error" not in res, res["error"]
-        return res
-
-    return get
+    return check_results(run_device_worker(__file__, "forward,argument_bytes", N_DEVICES, timeout=900), N_DEVICES)
 
 
 def test_expert_parallel_forward_bit_identical_to_one_device(worker):

@@ -26,7 +26,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +33,7 @@ import pytest
 
 from nvfp4_jax import examples
 from nvfp4_jax.checkpoint.reader import CheckpointReader
+from tests.cli_process import finish_all
 from tests.test_distributed import FAULT_DRIVER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,23 +58,7 @@ def _env(cache: Path) -> dict:
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = RUN_TIMEOUT) -> tuple[list, list[str]]:
-    """(return codes, outputs) once every process ended; past ``timeout`` seconds in all they are
-    killed (SIGKILL: a process hung in a collective ignores SIGTERM, JAX's preemption notifier)."""
-    deadline = time.monotonic() + timeout
-    outs = []
-    try:
-        for p in procs:
-            try:
-                outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-            except subprocess.TimeoutExpired:
-                p.kill()
-                outs.append(f"(killed after {timeout:.0f} s) " + p.communicate()[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [p.returncode for p in procs], outs
+    return finish_all(procs, timeout)
 
 
 def _start(args: list[str], cache: Path, fault: Optional[tuple[str, str]] = None) -> subprocess.Popen:

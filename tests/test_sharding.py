@@ -31,35 +31,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.device_worker import check_results, run_device_worker
+
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
-
-
-def _run_worker(checks: str, timeout: int = 1200) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N_DEVICES}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), checks], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"worker {checks} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    last = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert last, proc.stdout[-4000:]
-    return json.loads(last[-1][len("RESULT "):])
 
 
 @pytest.fixture(scope="module")
 def worker():
     """All checks in one 8-device subprocess (the tiny Kimi-K2 is built and compiled once)."""
-    r = _run_worker("quantize,forward_llama,forward_kimi")
-    assert r["devices"] == N_DEVICES
-
-    def get(check):
-        res = r[check]
-        assert "error" not in res, res["error"]
-        return res
-
-    return get
+    results = run_device_worker(__file__, "quantize,forward_llama,forward_kimi", N_DEVICES, timeout=1200)
+    return check_results(results, N_DEVICES)
 
 
 def test_quantize_sharded_bytes_match_one_device(worker):

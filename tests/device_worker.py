@@ -1,0 +1,38 @@
+"""A test module run again as a subprocess with N host CPU devices (XLA_FLAGS is read when JAX
+starts, so a multi-device check cannot run inside the pytest process); the worker prints one
+``RESULT {json}`` line, and each check's entry holds its figures or an ``error``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_device_worker(script: str, checks: str, devices: int, timeout: int) -> dict:
+    """``python SCRIPT CHECKS`` on ``devices`` CPU devices -> its RESULT dict; fails the test on a
+    non-zero exit or a missing RESULT line, showing the worker's output."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), checks], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"worker {checks} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    last = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert last, proc.stdout[-4000:]
+    return json.loads(last[-1][len("RESULT "):])
+
+
+def check_results(results: dict, devices: int) -> Callable[[str], dict]:
+    """The getter a module's ``worker`` fixture returns: one check's entry, failing on its error."""
+    assert results["devices"] == devices
+
+    def get(check: str) -> dict:
+        res = results[check]
+        assert "error" not in res, res["error"]
+        return res
+
+    return get
