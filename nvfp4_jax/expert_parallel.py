@@ -382,24 +382,14 @@ def forward(family, layer: int, params: Mapping[str, jax.Array], hidden_batches:
     if not family.is_moe_layer(layer):
         raise ModelConfigError(f"layer {layer} is not a MoE layer: the expert-parallel forward is for MoE layers")
     program = prepare(family, layer, params, mesh, dtype)
-    n = mesh.size
-    outputs, stats = [], []
-    for h in hidden_batches:
-        b = h.shape[0]
-        main = (b // n) * n
-        pieces = []
-        if main:
-            out, s = _call(program.rows_fn, "expert_parallel_moe_layer", program.rest, program.stacks,
-                           jax.device_put(h if main == b else h[:main], NamedSharding(mesh, P(AXIS))))
-            stats.append(s)
-            pieces.append(out)
-        if main < b:
-            out, s = _call(program.replicated_fn, "expert_parallel_moe_layer_replicated_rows", program.rest,
-                           program.stacks, jax.device_put(h[main:], NamedSharding(mesh, P())))
-            stats.append(s)
-            pieces.append(out)
-        outputs.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0))
-    merged = merge_layer_stats(stats)
+    from nvfp4_jax.sharding import split_batches
+
+    outputs, merged = split_batches(
+        hidden_batches, mesh.size,
+        lambda hs: _call(program.rows_fn, "expert_parallel_moe_layer", program.rest, program.stacks,
+                         jax.device_put(hs, NamedSharding(mesh, P(AXIS)))),
+        lambda hr: _call(program.replicated_fn, "expert_parallel_moe_layer_replicated_rows", program.rest,
+                         program.stacks, jax.device_put(hr, NamedSharding(mesh, P()))))
     return outputs, _renamed(family, layer, merged)
 
 

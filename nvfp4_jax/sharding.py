@@ -265,27 +265,33 @@ def forward_sharded(family, layer: int, params: Mapping[str, jax.Array], hidden_
     def rename(name: str) -> str:
         return prefix + name[len(canon_prefix):] if name.startswith(canon_prefix) else name
 
-    outputs, stats = [], []
-    for h in hidden_batches:
-        b = h.shape[0]
-        main = (b // n) * n
-        pieces = []
-        if main:
-            hs = h if main == b else h[:main]
-            out, s = fn(local, stacks, jax.device_put(hs, NamedSharding(mesh, _SAMPLES_SPEC)))
-            stats.append(s)
-            pieces.append(out)
-        if main < b:  # fewer rows than devices: every device runs them (replicated)
-            out, s = family.layer_forward(canon, local, jax.device_put(h[main:], replicated), dtype=dtype,
-                                          experts=stacks)
-            stats.append(s)
-            pieces.append(out)
-        outputs.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0))
-    merged = merge_layer_stats(stats)
+    outputs, merged = split_batches(
+        hidden_batches, n,
+        lambda hs: fn(local, stacks, jax.device_put(hs, NamedSharding(mesh, _SAMPLES_SPEC))),
+        # fewer rows than devices: every device runs them (replicated)
+        lambda hr: family.layer_forward(canon, local, jax.device_put(hr, replicated), dtype=dtype, experts=stacks))
     experts = merged.experts
     if experts is not None:
         experts = experts.replace(prefix=rename(experts.prefix))
     return outputs, LayerStats({rename(k): v for k, v in merged.input_amax.items()}, experts)
 
 
-__all__ = ["AXES", "device_mesh", "quantize_sharded", "regroup_batches", "forward_sharded"]
+def split_batches(hidden_batches: Sequence, n: int, split_fn, rest_fn) -> tuple[list, LayerStats]:
+    """Each batch ``[b, ...]`` as its first ``(b // n) * n`` rows through ``split_fn`` (rows split
+    over the n devices) and the rest through ``rest_fn`` (replicated), both returning
+    ``(output, LayerStats)`` -> (outputs, one per batch, the pieces joined; the merged statistics)."""
+    outputs, stats = [], []
+    for h in hidden_batches:
+        b = h.shape[0]
+        main = (b // n) * n
+        pieces = []
+        for rows, fn in ((h if main == b else h[:main], split_fn), (h[main:], rest_fn)):
+            if rows.shape[0]:
+                out, s = fn(rows)
+                stats.append(s)
+                pieces.append(out)
+        outputs.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0))
+    return outputs, merge_layer_stats(stats)
+
+
+__all__ = ["AXES", "split_batches", "device_mesh", "quantize_sharded", "regroup_batches", "forward_sharded"]
