@@ -36,3 +36,17 @@ def check_results(results: dict, devices: int) -> Callable[[str], dict]:
         return res
 
     return get
+
+
+def calib_stats_equal(a, b) -> bool:
+    """Two CalibStats bit for bit: the same input amax and, per MoE layer, the same per-expert
+    arrays (dtype and bytes)."""
+    if a.input_amax != b.input_amax or set(a.experts) != set(b.experts):
+        return False
+    for k, ea in a.experts.items():
+        eb = b.experts[k]
+        for f in ("gate_up_input_amax", "down_input_amax", "tokens_per_expert"):
+            x, y = getattr(ea, f), getattr(eb, f)
+            if x.dtype != y.dtype or x.tobytes() != y.tobytes():
+                return False
+    return True

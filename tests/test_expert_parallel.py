@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.device_worker import check_results, run_device_worker
+from tests.device_worker import calib_stats_equal, check_results, run_device_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
@@ -94,20 +94,6 @@ def test_convert_8_devices_expert_parallel_byte_identical(tmp_path):
 # the worker (runs with 8 CPU devices)
 
 
-def _calib_stats_equal(a, b) -> bool:
-    import numpy as np
-
-    if a.input_amax != b.input_amax or set(a.experts) != set(b.experts):
-        return False
-    for k, ea in a.experts.items():
-        eb = b.experts[k]
-        for f in ("gate_up_input_amax", "down_input_amax", "tokens_per_expert"):
-            x, y = getattr(ea, f), getattr(eb, f)
-            if x.dtype != y.dtype or x.tobytes() != y.tobytes():
-                return False
-    return True
-
-
 def _tiny_kimi(tmp):
     import jax.numpy as jnp
     import numpy as np
@@ -157,7 +143,7 @@ def check_forward() -> dict:
                     a = np.concatenate([np.asarray(h, np.float32) for h in single])
                     b = np.concatenate([np.asarray(h, np.float32) for h in sharded])
                     (e,) = got.experts.values()
-                    case = {"devices": n, "case": label, "layer": layer, "stats_equal": _calib_stats_equal(ref, got),
+                    case = {"devices": n, "case": label, "layer": layer, "stats_equal": calib_stats_equal(ref, got),
                             "hidden_bytes_equal": a.shape == b.shape and a.tobytes() == b.tobytes(),
                             "hidden_max_abs_diff": float(np.max(np.abs(a - b))) if a.shape == b.shape else None,
                             "tokens": int(e.tokens_per_expert.sum())}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.device_worker import check_results, run_device_worker
+from tests.device_worker import calib_stats_equal, check_results, run_device_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
@@ -175,20 +175,6 @@ def check_quantize() -> dict:
     return {"cases": cases}
 
 
-def _calib_stats_equal(a, b) -> bool:
-    import numpy as np
-
-    if a.input_amax != b.input_amax or set(a.experts) != set(b.experts):
-        return False
-    for k, ea in a.experts.items():
-        eb = b.experts[k]
-        for f in ("gate_up_input_amax", "down_input_amax", "tokens_per_expert"):
-            x, y = getattr(ea, f), getattr(eb, f)
-            if x.dtype != y.dtype or not np.array_equal(x, y):
-                return False
-    return True
-
-
 def _forward_cases(build) -> dict:
     import tempfile
 
@@ -224,7 +210,7 @@ def _forward_cases(build) -> dict:
                 b = np.concatenate([np.asarray(h, np.float32) for h in sharded])
                 case = {
                     "case": label, "layer": layer, "moe_layers": family.is_moe_layer(layer),
-                    "stats_equal": _calib_stats_equal(ref_stats, got_stats),
+                    "stats_equal": calib_stats_equal(ref_stats, got_stats),
                     "hidden_max_abs_diff": float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf"),
                     "hidden_bytes_equal": a.shape == b.shape and a.tobytes() == b.tobytes(),
                     "sharded_batch_shapes": [list(h.shape) for h in sharded],
