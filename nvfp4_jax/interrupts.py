@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 from nvfp4_jax.errors import NVFP4Error
@@ -14,7 +15,9 @@ from nvfp4_jax.errors import NVFP4Error
 _NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 # Signals received inside `signals_raise`. The handler's exception can land inside library code
 # that catches every exception (JAX's persistent compilation cache turns a failed read into a
-# warning), so the run also checks this record at its safe points (`raise_pending`).
+# warning) or inside a garbage-collector callback, whose exceptions Python reports as "Exception
+# ignored" with a traceback; so the run also checks this record at its safe points
+# (`raise_pending`), and `_quiet_unraisable` keeps those reports of our own signal off stderr.
 _received: list[int] = []
 
 
@@ -45,9 +48,20 @@ def signals_raise():
 
     _received.clear()
     previous = {s: signal.signal(s, handler) for s in _NAMES}
+    previous_hook = sys.unraisablehook
+
+    def _quiet_unraisable(unraisable):
+        # An Interrupted that could not propagate (raised in a gc callback or a __del__) is on
+        # record in _received and raised again at the next safe point: nothing is lost by not
+        # printing it, while printing it would put a traceback before the one-line message.
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = _quiet_unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
 

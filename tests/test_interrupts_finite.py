@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +40,47 @@ def test_a_swallowed_signal_is_raised_at_the_next_safe_point(sig):
     assert e.value.signum == sig
     with signals_raise():
         raise_pending()  # a new block starts with no signal on record
+
+
+class _SignalsWhenCollected:
+    """Sends a signal from its __del__, where an exception cannot propagate: the place a signal
+    lands when it arrives during a garbage-collector callback (JAX registers one)."""
+
+    def __init__(self, sig):
+        self.sig = sig
+
+    def __del__(self):
+        os.kill(os.getpid(), self.sig)
+        for _ in range(10_000_000):
+            pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_a_destructor_is_not_reported_and_is_raised_later(sig, monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with pytest.raises(Interrupted) as e:
+        with signals_raise():
+            obj = _SignalsWhenCollected(sig)
+            del obj  # the Interrupted raised inside __del__ goes to sys.unraisablehook
+            raise_pending()
+    assert e.value.signum == sig
+    assert reported == []  # would be printed as "Exception ignored ... Traceback"
+    assert sys.unraisablehook == reported.append  # the previous hook is back
+
+
+def test_other_unraisable_exceptions_still_reach_the_previous_hook(monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+
+    class Broken:
+        def __del__(self):
+            raise ValueError("a real bug in a destructor")
+
+    with signals_raise():
+        obj = Broken()
+        del obj
+    assert [type(u.exc_value) for u in reported] == [ValueError]
 
 
 def test_finite_tensors_pass_and_integers_are_ignored():
