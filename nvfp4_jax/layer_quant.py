@@ -18,6 +18,11 @@ every weight is its own call: no stacked copy, one compilation per weight shape,
 weight's temporaries live at a time (XLA:CPU allocates every buffer over 32 MB freshly, which
 costs page faults in proportion to its size).
 
+Weights already held stacked (a MoE layer's routed experts kept from calibration as
+``moe.ExpertStacks``, given as :class:`WeightStack` in a :class:`LayerWeights`) are quantized from
+contiguous slices of their stack taken inside the jitted calls: no per-weight array and no
+re-stacked copy, the same chunk bound and the same bytes.
+
 With the default mode ``max``, bytes equal :func:`nvfp4_jax.numerics.quantize` of each weight with
 its group amax; another ``--weight-scales`` mode gives the bytes of
 :func:`nvfp4_jax.weight_scales.quantize_with_mode` of each weight with its group amax (and, for
@@ -30,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,14 +64,68 @@ class LayerQuantError(NVFP4Error, ValueError):
     """A weight of the layer cannot be quantized (NaN/Inf); the message names it."""
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightStack:
+    """Same-shaped weights held as one array, ``modules[i]`` being ``array[i]`` (one projection of
+    a MoE layer's routed experts, ``moe.ExpertStacks``)."""
+
+    array: jax.Array  # [E, N, K]
+    modules: tuple[str, ...]  # E names
+
+    def __post_init__(self):
+        if len(self.modules) != self.array.shape[0]:
+            raise ValueError(f"a stack of {self.array.shape[0]} weights named by {len(self.modules)} modules")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """The weights of a layer to quantize: ``arrays`` (module -> ``[N, K]``) and ``stacks``, weights
+    quantized from slices of their stack (no module in both)."""
+
+    arrays: Mapping[str, jax.Array]
+    stacks: tuple[WeightStack, ...] = ()
+
+    def modules(self) -> list[str]:
+        return sorted(self.arrays) + [m for s in self.stacks for m in s.modules]
+
+    def as_arrays(self) -> dict[str, jax.Array]:
+        """Every weight as its own array (copies of the stacks' slices, for the paths without stacks)."""
+        out = dict(self.arrays)
+        for s in self.stacks:
+            out.update({m: s.array[i] for i, m in enumerate(s.modules)})
+        return out
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["array", "start"], meta_fields=["size"])
+@dataclasses.dataclass(frozen=True)
+class _StackRange:
+    """A chunk read from a stack inside the jitted call: weights ``[start, start + size)`` of
+    ``array``. ``start`` is traced, so a stack compiles once per chunk size, not once per chunk."""
+
+    array: jax.Array
+    start: jax.Array  # int32 []
+    size: int
+
+    def each(self) -> list[jax.Array]:
+        return [jax.lax.dynamic_index_in_dim(self.array, self.start + i, keepdims=False) for i in range(self.size)]
+
+    def whole(self) -> jax.Array:
+        if self.size == 1:
+            return self.each()[0]
+        return jax.lax.dynamic_slice_in_dim(self.array, self.start, self.size)
+
+
 @jax.jit
 def _chunk_amax(ws):
     """max |w| per weight of the chunk ``[len(ws)]``, NaN where a weight holds NaN or Inf."""
-    return jnp.stack([numerics.abs_max_or_nan(w) for w in ws])
+    return jnp.stack([numerics.abs_max_or_nan(w) for w in (ws.each() if isinstance(ws, _StackRange) else ws)])
 
 
 def _stacked(ws):
-    return ws[0] if len(ws) == 1 else jnp.stack(ws)  # one weight: no copy, a scalar amax
+    """The chunk's weights as one array; a chunk of one weight has no leading axis (a scalar amax)."""
+    if isinstance(ws, _StackRange):
+        return ws.whole()
+    return ws[0] if len(ws) == 1 else jnp.stack(ws)  # one weight: no copy
 
 
 @jax.jit
@@ -91,25 +150,51 @@ def _chunk_error(ws, q):
     return numerics.squared_error(jnp.stack(ws), q)
 
 
+def _even_split(ms: Sequence, one_bytes: int, max_bytes: int) -> list:
+    """``ms`` in consecutive batches of at most ``max_bytes`` (``one_bytes`` each, at least one a
+    batch), split evenly, so they have one or two sizes (each size is a compilation)."""
+    per = max(1, max_bytes // max(one_bytes, 1))
+    n = -(-len(ms) // per)
+    size, extra = divmod(len(ms), n)
+    out, lo = [], 0
+    for i in range(n):
+        hi = lo + size + (i < extra)
+        out.append(ms[lo:hi])
+        lo = hi
+    return out
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
 def _chunks(weights: Mapping[str, jax.Array], modules: Sequence[str], max_bytes: int) -> list[list[str]]:
     """Modules batched by (shape, dtype), in sorted order, each batch of at most ``max_bytes`` of
-    weight (at least one weight); the batches of a kind are split evenly, so they have one or two
-    sizes (each size is a compilation)."""
+    weight (at least one weight); the batches of a kind are split evenly."""
     by_kind: dict[tuple, list[str]] = {}
     for m in sorted(modules):
         w = weights[m]
         by_kind.setdefault((tuple(w.shape), str(w.dtype)), []).append(m)
-    out = []
-    for (shape, dtype), ms in by_kind.items():
-        one = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        per = max(1, max_bytes // max(one, 1))
-        n = -(-len(ms) // per)  # batches of this kind
-        size, extra = divmod(len(ms), n)
-        lo = 0
-        for i in range(n):
-            hi = lo + size + (i < extra)
-            out.append(ms[lo:hi])
-            lo = hi
+    return [b for (shape, dtype), ms in by_kind.items() for b in _even_split(ms, _nbytes(shape, dtype), max_bytes)]
+
+
+class _Chunk(NamedTuple):
+    """One jitted call's weights: their modules and what the call reads (a tuple of arrays or a
+    range of a stack)."""
+
+    modules: list[str]
+    source: object  # tuple[jax.Array, ...] | _StackRange
+
+
+def _layer_chunks(weights: LayerWeights, max_bytes: int) -> list[_Chunk]:
+    """The chunks of the separate arrays (:func:`_chunks`), then each stack's in consecutive ranges
+    under the same bound."""
+    out = [_Chunk(b, tuple(weights.arrays[m] for m in b))
+           for b in _chunks(weights.arrays, sorted(weights.arrays), max_bytes)]
+    for s in weights.stacks:
+        starts = {m: i for i, m in enumerate(s.modules)}
+        for b in _even_split(list(s.modules), _nbytes(s.array.shape[1:], s.array.dtype), max_bytes):
+            out.append(_Chunk(b, _StackRange(s.array, jnp.int32(starts[b[0]]), len(b))))
     return out
 
 
@@ -138,39 +223,46 @@ def _check_mode(mode: str, hessians) -> None:
         raise ValueError(f"hessians are only used by mode 'local-hessian', not {mode!r}")
 
 
-def _chunk_hessians(hessians, batch: Sequence[str], weights):
+def _chunk_hessians(hessians, chunk: _Chunk):
     """The chunk's per-weight hessians for local-hessian; an all-zero one (plain mse) where a weight
     has none."""
-    kb = weights[batch[0]].shape[-1] // numerics.BLOCK
+    source, batch = chunk.source, chunk.modules
+    k = (source.array if isinstance(source, _StackRange) else source[0]).shape[-1]
+    kb = k // numerics.BLOCK
     zero = jnp.zeros((kb, numerics.BLOCK, numerics.BLOCK), jnp.float32)
     return tuple(hessians.get(m, zero) for m in batch)
 
 
-def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[str]] = (), *,
+def quantize_layer(weights: Mapping[str, jax.Array] | LayerWeights, groups: Sequence[Sequence[str]] = (), *,
                    mesh=None, max_chunk_bytes: Optional[int] = None, mode: str = "max",
                    hessians: Optional[Mapping[str, jax.Array]] = None) -> QuantizedLayer:
-    """Quantize every weight of ``weights`` (module name -> ``[N, K]`` array); members of each fused
-    group in ``groups`` (only those present are used) share one amax. ``mode``: the block-scale
-    rule (:data:`nvfp4_jax.weight_scales.MODES`); ``hessians`` (``local-hessian`` only): module ->
-    f32 ``[K/16, 16, 16]`` input second moments, a module without one is searched as ``mse``.
+    """Quantize every weight of ``weights`` (module name -> ``[N, K]`` array, or a
+    :class:`LayerWeights` whose stacks are read in slices); members of each fused group in
+    ``groups`` (only those present are used) share one amax. ``mode``: the block-scale rule
+    (:data:`nvfp4_jax.weight_scales.MODES`); ``hessians`` (``local-hessian`` only): module -> f32
+    ``[K/16, 16, 16]`` input second moments, a module without one is searched as ``mse``.
     ``max_chunk_bytes``: bytes of weight per jitted call (default :func:`chunk_bytes`). With a
     multi-device ``mesh`` the stacked chunks of ``max`` are split over its devices (the searches
-    run on the default device)."""
+    run on the default device; stacks are sliced into separate weights first)."""
     _check_mode(mode, hessians)
     if mode == "local-hessian" and hessians is None:
         hessians = {}
-    modules = sorted(weights)
-    if not modules:
+    if not isinstance(weights, LayerWeights):
+        weights = LayerWeights(weights)
+    if not weights.modules():
         return QuantizedLayer({}, [])
     sharded = mode == "max" and mesh is not None and mesh.size > 1
+    if sharded and weights.stacks:  # quantize_sharded splits a list of weights over the mesh
+        weights = LayerWeights(weights.as_arrays())
     if max_chunk_bytes is not None:
         bound = max_chunk_bytes
     else:  # a mesh splits stacked chunks over its devices: accelerator-sized chunks on any backend
         bound = ACCELERATOR_CHUNK_BYTES if sharded else chunk_bytes()
-    batches = _chunks(weights, modules, bound)
+    chunks = _layer_chunks(weights, bound)
+    batches = [c.modules for c in chunks]
     order = [m for b in batches for m in b]
     pos = {m: i for i, m in enumerate(order)}
-    amax = [_chunk_amax(tuple(weights[m] for m in b)) for b in batches]
+    amax = [_chunk_amax(c.source) for c in chunks]
     own = np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in jax.device_get(amax)])  # the one sync
 
     group_ids = np.arange(len(order))
@@ -190,12 +282,12 @@ def quantize_layer(weights: Mapping[str, jax.Array], groups: Sequence[Sequence[s
     zero = sorted(m for m in order if shared[pos[m]] == 0.0)
 
     results = []
-    for b in batches:
+    for chunk in chunks:
+        b, ws = chunk
         lo = pos[b[0]]
         a = shared[lo:lo + len(b)] if len(b) > 1 else shared[lo]
-        ws = tuple(weights[m] for m in b)
         if mode != "max":
-            h = _chunk_hessians(hessians, b, weights) if mode == "local-hessian" else None
+            h = _chunk_hessians(hessians, chunk) if mode == "local-hessian" else None
             results.append(_chunk_search(ws, a, h, mode))
         elif sharded:
             from nvfp4_jax import sharding
@@ -234,5 +326,5 @@ _scales_jit = jax.jit(numerics.scale_from_amax)
 INPUT_SCALES_MIN_LEN = 2048  # one compilation for every layer of up to 2048 linears (a Kimi MoE layer: 1158)
 
 
-__all__ = ["LayerQuantError", "QuantizedLayer", "quantize_layer", "input_scales", "chunk_bytes",
-           "ACCELERATOR_CHUNK_BYTES", "CPU_CHUNK_BYTES"]
+__all__ = ["LayerQuantError", "QuantizedLayer", "LayerWeights", "WeightStack", "quantize_layer", "input_scales",
+           "chunk_bytes", "ACCELERATOR_CHUNK_BYTES", "CPU_CHUNK_BYTES"]
