@@ -122,7 +122,7 @@ def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden:
     ``experts``) a MoE layer runs expert parallel (``expert_parallel.forward``: each device its
     block of routed experts, ``params`` placed by ``expert_parallel.read_layer``) and a dense layer
     as with a mesh; otherwise batches run one by one on the default device, a MoE layer's routed
-    experts stacked once (``family.expert_stacks``) for all of them."""
+    experts stacked once for all of them (:func:`_layer_stacks`)."""
     from nvfp4_jax import expert_parallel
 
     stats = CalibStats()
@@ -134,8 +134,7 @@ def calibrate_layer(family, layer: int, params: Mapping[str, jax.Array], hidden:
         stats.observe(merged)
     else:
         out = []
-        # MoE: routed experts stacked once for all batches, where the device has room for the copy
-        stacks = family.expert_stacks(layer, params, dtype) if _room_for_stacks(family, layer, params, dtype) else None
+        stacks = _layer_stacks(family, layer, params, dtype)
         for h in hidden:
             h, s = family.layer_forward(layer, params, h, dtype=dtype, experts=stacks)
             stats.observe(jax.device_get(s))
@@ -163,7 +162,9 @@ def stacks_fit(stack_bytes: int, bytes_limit: int | None) -> bool:
     return (LAYERS_ON_DEVICE + 1) * stack_bytes <= (1.0 - STACK_HEADROOM) * bytes_limit
 
 
-def _room_for_stacks(family, layer: int, params: Mapping[str, jax.Array], dtype) -> bool:
+def room_for_expert_stacks(family, layer: int, params: Mapping[str, jax.Array], dtype) -> bool:
+    """Whether MoE layer ``layer``'s routed experts (per-expert arrays in ``params``) may be
+    stacked on this process's device (:func:`stacks_fit`); False for a dense layer."""
     if not family.is_moe_layer(layer):
         return False
     prefix = family.layer_prefix(layer, params) + "mlp.experts."
@@ -172,6 +173,17 @@ def _room_for_stacks(family, layer: int, params: Mapping[str, jax.Array], dtype)
                       if k.startswith(prefix) and k.endswith(".weight"))
     stats = jax.local_devices()[0].memory_stats() or {}  # this process's device: the one the batches run on
     return stacks_fit(stack_bytes, stats.get("bytes_limit"))
+
+
+def _layer_stacks(family, layer: int, params: Mapping[str, jax.Array], dtype):
+    """The routed-expert stacks a MoE layer's batches read: those ``params`` holds
+    (``moe.LayerTensors``, kept by the pipeline for the quantize phase), else stacked once here
+    where the device has room for the copy (dropped by the caller after its batches), else None
+    (each batch stacks its chunks inside its programs)."""
+    held = getattr(params, "expert_stacks", None)
+    if held is not None:
+        return held
+    return family.expert_stacks(layer, params, dtype) if room_for_expert_stacks(family, layer, params, dtype) else None
 
 
 @dataclasses.dataclass
@@ -200,7 +212,7 @@ def collect_hessians(family, layer: int, params: Mapping[str, jax.Array], hidden
     rows: dict[str, jax.Array] = {}
     gate_up = down = tokens = None
     prefix = None
-    stacks = family.expert_stacks(layer, params, dtype) if _room_for_stacks(family, layer, params, dtype) else None
+    stacks = _layer_stacks(family, layer, params, dtype)
     for h in hidden:
         _, s = family.layer_forward(layer, params, jax.device_put(h, device), dtype=dtype, input_amax=input_amax,
                                     collect_hessian=True, experts=stacks)
@@ -305,7 +317,8 @@ def constant_input_amax(value_input_scale: float = 1.0) -> float:
 
 
 __all__ = [
-    "MOE_POLICIES", "CalibrationError", "ExpertStats", "CalibStats", "calibrate_layer", "LayerHessians",
+    "MOE_POLICIES", "CalibrationError", "ExpertStats", "CalibStats", "calibrate_layer", "room_for_expert_stacks",
+    "stacks_fit", "LayerHessians",
     "collect_hessians", "backfill_expert_amax",
     "expert_input_amax", "unify_groups", "coverage_report", "constant_input_amax",
 ]

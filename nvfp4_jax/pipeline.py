@@ -28,11 +28,12 @@ from nvfp4_jax import (__version__, calib_data, compile_cache, expert_parallel, 
                        numerics, resources, sharding, weight_scales)
 from nvfp4_jax.overlap import LAYERS_IN_FLIGHT, WriteBehind, read_ahead
 from nvfp4_jax.finite import check_finite
-from nvfp4_jax.layer_quant import input_scales, quantize_layer
+from nvfp4_jax.layer_quant import LayerWeights, WeightStack, input_scales, quantize_layer
+from nvfp4_jax.models.moe import PROJECTIONS, LayerTensors
 from nvfp4_jax.progress import Progress
 from nvfp4_jax.calibration import (
     CalibrationError, CalibStats, LayerHessians, MOE_POLICIES, calibrate_layer, collect_hessians,
-    constant_input_amax, coverage_report, expert_input_amax, unify_groups,
+    constant_input_amax, coverage_report, expert_input_amax, room_for_expert_stacks, unify_groups,
 )
 from nvfp4_jax.checkpoint.formats import output_config
 from nvfp4_jax.checkpoint.reader import CheckpointReader
@@ -464,9 +465,48 @@ def _read_layer(run: _Run, unit: UnitPlan) -> dict:
         else:
             params = run.reader.get_many([n for n in names if n in run.owned and _module(n) in run.plan.quantized],
                                          run.dtype)
-        check_finite(params, f"layer {unit.layer}")
+        check_finite(params, f"layer {unit.layer}")  # per expert, so a bad value is named
+        if _holds_expert_stacks(run, unit, params):
+            params = LayerTensors(params)
+            run.family.move_experts_into_stacks(unit.layer, params, run.dtype)
         jax.block_until_ready(params)  # the decode runs here (the read-ahead thread), not in the forward
     return params
+
+
+def _holds_expert_stacks(run: _Run, unit: UnitPlan, params: dict) -> bool:
+    """Whether a MoE layer's routed experts are held as stacks only, from its read to its quantize
+    (``moe.LayerTensors``: one copy of the experts, read by the calibration forward and the quantize
+    phase, instead of the per-expert arrays plus stacks built for calibration). Only on the
+    one-device path (no data-parallel mesh, not expert parallel), for a calibrated layer whose
+    routed experts this process quantizes, every one of them (so nothing reads the per-expert
+    arrays after the read: not the writer, which writes quantized results only), and where the
+    stacks fit the device (``calibration.stacks_fit``); otherwise the layer keeps its per-expert
+    arrays and calibration stacks them for its batches alone, as before."""
+    if (run.family is None or run.mesh is not None or _expert_parallel(run, unit) or _across_processes(run)
+            or not _calibrates(run, unit)):
+        return False
+    names = run.family.routed_experts(unit.layer, params)
+    if names is None:
+        return False
+    experts = [n for proj in PROJECTIONS for n in names.weight_names(proj)]
+    if not all(n in run.owned and _module(n) in run.plan.quantized for n in experts):
+        return False
+    return room_for_expert_stacks(run.family, unit.layer, params, run.dtype)
+
+
+def _weights_to_quantize(run: _Run, unit: UnitPlan, params: dict, mods: list) -> LayerWeights:
+    """The weights of ``mods``: held expert stacks as :class:`layer_quant.WeightStack` (quantized
+    from slices of them), every other weight as its array."""
+    stacks = getattr(params, "expert_stacks", None)
+    if stacks is None:
+        return LayerWeights({m: params[f"{m}.weight"] for m in mods})
+    names = run.family.routed_experts(unit.layer, params)
+    held = tuple(WeightStack(a, tuple(names.module(e, proj) for e in range(names.num_experts)))
+                 for a, proj in zip(stacks, PROJECTIONS))
+    stacked = {m for s in held for m in s.modules}
+    if not stacked <= set(mods):  # _holds_expert_stacks admits only layers whose experts are all quantized here
+        raise ConversionError(f"layer {unit.layer}: routed experts held stacked but not all of them quantized here")
+    return LayerWeights({m: params[f"{m}.weight"] for m in mods if m not in stacked}, held)
 
 
 def _module(name: str) -> Optional[str]:
@@ -519,9 +559,9 @@ def _quantize_and_write(run: _Run, unit: UnitPlan, params: dict, layer_stats: Ca
         groups = [g for g in groups if g[0] in mods]
         hess = _hessians(run, unit.layer, params, layer_input, in_amax)
         # weight amax: lazily from the weight (SPEC section 5), unified over fused groups, on device
-        weights = {m: params[f"{m}.weight"] for m in mods}
-        if _expert_parallel(run, unit):  # each routed expert on the device that holds it
-            quantized = expert_parallel.quantize_on_owner_devices(weights, groups, run.opt.weight_scales)
+        weights = _weights_to_quantize(run, unit, params, mods)
+        if _expert_parallel(run, unit):  # each routed expert on the device that holds it (never stacked here)
+            quantized = expert_parallel.quantize_on_owner_devices(weights.arrays, groups, run.opt.weight_scales)
         else:
             quantized = quantize_layer(weights, groups, mesh=run.mesh, mode=run.opt.weight_scales,
                                        hessians=None if hess is None else hess.hessian)

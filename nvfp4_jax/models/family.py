@@ -16,7 +16,7 @@ from nvfp4_jax.families import find_family_spec
 
 from .exact_jit import exact_jit
 from .hessian import expert_block_second_moment_sum
-from .moe import ExpertNames, ExpertStacks, combine_experts, run_experts, sort_by_expert
+from .moe import ExpertNames, ExpertStacks, LayerTensors, combine_experts, run_experts, sort_by_expert
 from .ops import LayerParams, ModelConfigError, Params, linear, rms_norm
 from .stats import LayerStats, RoutedExpertStats
 
@@ -196,14 +196,26 @@ class Family:
             lm = p[self.tensor_name("model.embed_tokens.weight")]
         return _head_jit(p[self.tensor_name("model.norm.weight")], lm, hidden, float(self.spec.eps))
 
+    def routed_experts(self, layer: int, names) -> ExpertNames | None:
+        """The checkpoint names of MoE layer `layer`'s routed experts in the spelling `names` (the
+        layer's tensor names) use; None for a dense layer."""
+        if not self.is_moe_layer(layer):
+            return None
+        return ExpertNames(self.layer_prefix(layer, names) + "mlp.experts", self.spec.num_experts)
+
     def expert_stacks(self, layer: int, params: Params, dtype=jnp.bfloat16) -> ExpertStacks | None:
         """The routed experts of MoE layer `layer` stacked once (`moe.ExpertStacks`, compute dtype,
         checkpoint orientation) for every batch's `layer_forward(experts=...)`; None for a dense
-        layer. The stacks are one more copy of the layer's routed experts while they live."""
-        if not self.is_moe_layer(layer):
-            return None
-        return ExpertNames(self.layer_prefix(layer, params) + "mlp.experts", self.spec.num_experts).stacks(
-            params, jnp.dtype(dtype))
+        layer. The stacks are one more copy of the layer's routed experts while they live, unless
+        `params` holds its experts stacked already (`moe.LayerTensors`): then those."""
+        names = self.routed_experts(layer, params)
+        return None if names is None else names.stacks(params, jnp.dtype(dtype))
+
+    def move_experts_into_stacks(self, layer: int, params: LayerTensors, dtype=jnp.bfloat16) -> None:
+        """Hold MoE layer `layer`'s routed experts in `params` as stacks only (`params.expert_stacks`,
+        compute dtype, their per-expert entries removed): one copy of the experts, which
+        `layer_forward` and `expert_stacks` then read."""
+        self.routed_experts(layer, params).move_into_stacks(params, jnp.dtype(dtype))
 
     def layer_forward(self, layer: int, params: Params, hidden: jax.Array, *, dtype=jnp.bfloat16,
                       input_amax: Params | None = None, collect_hessian: bool = False,
@@ -212,7 +224,8 @@ class Family:
 
         params: checkpoint-named tensors; only the names of this layer are read (the dict may hold
         more). Routed experts are per-expert tensors, stacked on each call unless `experts` gives
-        the layer's stacks (`expert_stacks`: built once, reused by every batch); they run
+        the layer's stacks (`expert_stacks`: built once, reused by every batch) or `params` holds
+        them stacked (`moe.LayerTensors`); they run
         `self.expert_chunk_size` at a time (each chunk one grouped matmul over its rows).
         input_amax (evaluation): {module name: f32[]} of linears whose input is NVFP4
         fake-quantized with that tensor amax (as an engine serving the checkpoint quantizes it);

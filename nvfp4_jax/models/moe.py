@@ -47,11 +47,27 @@ class ExpertStacks(NamedTuple):
         return sum(int(np.prod(a.shape[1:])) * jnp.dtype(a.dtype).itemsize for a in self)
 
 
-def _stack(gate, up, down, dtype):
-    return ExpertStacks(*(jnp.stack([w.astype(dtype) for w in ws]) for ws in (gate, up, down)))
+def _stack(ws, dtype):
+    return jnp.stack([w.astype(dtype) for w in ws])
 
 
-_stack_jit = jax.jit(_stack, static_argnames=("dtype",))
+_stack_jit = jax.jit(_stack, static_argnames=("dtype",))  # one projection's stack per call
+
+
+class LayerTensors(dict):
+    """A layer's checkpoint-named tensors whose routed experts may be held stacked: after
+    :meth:`ExpertNames.move_into_stacks` they are only in ``expert_stacks`` (their per-expert
+    entries removed), so the layer holds one copy of its experts instead of two; the forward
+    (``Family.layer_forward``) and the quantize phase (``layer_quant.WeightStack``) read the
+    stacks as they are. A pytree like a dict, with the stacks as one more child."""
+
+    def __init__(self, tensors=(), expert_stacks: ExpertStacks | None = None):
+        super().__init__(tensors)
+        self.expert_stacks = expert_stacks
+
+
+jax.tree_util.register_pytree_node(
+    LayerTensors, lambda t: ((dict(t), t.expert_stacks), None), lambda _, children: LayerTensors(*children))
 
 
 class ExpertInputAmax(NamedTuple):
@@ -74,22 +90,35 @@ class ExpertNames:
     def module(self, e: int, proj_name: str) -> str:
         return f"{self.prefix}.{e}.{proj_name}"
 
+    def weight_names(self, proj_name: str) -> list[str]:
+        return [self.module(e, proj_name) + ".weight" for e in range(self.num_experts)]
+
+    def _per_expert(self, params: Params, proj_name: str) -> list[jax.Array]:
+        missing = [k for k in self.weight_names(proj_name) if k not in params]
+        if missing:
+            raise ModelConfigError(f"routed expert tensor {missing[0]!r} is missing "
+                                   "(routed experts must be given per expert, checkpoint layout)")
+        return [params[k] for k in self.weight_names(proj_name)]
+
     def stacks(self, params: Params, dtype) -> ExpertStacks:
         """The routed experts' checkpoint-named tensors of `params` stacked once, in `dtype` (one
-        extra copy of the layer's routed experts while the stacks live; the per-expert arrays stay
-        for the quantize phase)."""
-        lists = []
+        extra copy of the layer's routed experts while the stacks live beside the per-expert
+        arrays); `params`' own stacks where it holds them (:class:`LayerTensors`)."""
+        held = getattr(params, "expert_stacks", None)
+        if held is not None:
+            return held
+        return ExpertStacks(*(_stack_jit(self._per_expert(params, pn), dtype=jnp.dtype(dtype)) for pn in PROJECTIONS))
+
+    def move_into_stacks(self, params: LayerTensors, dtype) -> None:
+        """Stack the routed experts of `params` (in `dtype`) into ``params.expert_stacks`` and remove
+        their per-expert entries, one projection at a time as its stack is built, so at most a
+        third of the layer's experts is held twice at any moment."""
+        stacked = []
         for proj_name in PROJECTIONS:
-            lst = []
-            for e in range(self.num_experts):
-                key = self.module(e, proj_name) + ".weight"
-                if key not in params:
-                    raise ModelConfigError(
-                        f"routed expert tensor {key!r} is missing "
-                        "(routed experts must be given per expert, checkpoint layout)")
-                lst.append(params[key])
-            lists.append(lst)
-        return _stack_jit(*lists, dtype=jnp.dtype(dtype))
+            stacked.append(_stack_jit(self._per_expert(params, proj_name), dtype=jnp.dtype(dtype)))
+            for k in self.weight_names(proj_name):  # the stack's inputs stay alive until it is computed
+                del params[k]
+        params.expert_stacks = ExpertStacks(*stacked)
 
     def input_amax(self, input_amax: Params) -> ExpertInputAmax | None:
         """The evaluation hook's amaxes when `input_amax` (module name -> f32[]) covers the routed
