@@ -66,3 +66,48 @@ def test_input_scales_equal_scale_from_amax():
     got = input_scales(amax)
     for m, v in amax.items():
         assert got[m].tobytes() == np.asarray(numerics.scale_from_amax(np.float32(v)), np.float32).tobytes()
+
+
+def _as_stacks(w):
+    """The experts of _weights() as one stack per projection (numpy, in expert order)."""
+    from nvfp4_jax.layer_quant import LayerWeights, WeightStack
+
+    stacks = []
+    for p in ("gate", "up", "down"):
+        mods = tuple(f"experts.{e}.{p}" for e in range(5))
+        stacks.append(WeightStack(jnp.asarray(np.stack([w[m] for m in mods])), mods))
+    return LayerWeights({m: jnp.asarray(a) for m, a in w.items() if not m.startswith("experts.")}, tuple(stacks))
+
+
+# one weight per call (CPU), two or one of the 48x64 experts per call (a stack of 5 in 2 + 2 + 1), a whole stack
+@pytest.mark.parametrize("max_chunk_bytes", [0, 2 * 48 * 64 * 2, 64 * 48 * 64 * 2])
+@pytest.mark.parametrize("mode", ["max", "mse"])
+def test_weights_from_stacks_give_the_bytes_of_each_weight_alone(max_chunk_bytes, mode):
+    """Weights held stacked (LayerWeights/WeightStack: sliced inside the jitted calls) give the
+    bytes of quantizing each weight alone with its group's amax (numerics.quantize for max,
+    weight_scales.quantize_with_mode for mse; group amax in numpy), and the squared errors in numpy."""
+    from nvfp4_jax import weight_scales
+
+    w, groups = _weights(seed=1)
+    group_of = {m: g for g in groups for m in g}
+    got = quantize_layer(_as_stacks(w), groups, max_chunk_bytes=max_chunk_bytes, mode=mode)
+    assert sorted(got.tensors) == sorted(w)
+    for m, a in w.items():
+        amax = np.float32(max(np.abs(w[x].astype(np.float32)).max() for x in group_of.get(m, (m,))))
+        ref = (numerics.quantize(jnp.asarray(a), amax) if mode == "max"
+               else weight_scales.quantize_with_mode(jnp.asarray(a), mode, weight_amax=amax))
+        t = got.tensors[m]
+        assert np.array_equal(np.asarray(ref.weight), t.weight), m
+        assert np.array_equal(np.asarray(ref.weight_scale).view(np.uint8), t.weight_scale.view(np.uint8)), m
+        assert np.asarray(ref.weight_scale_2, np.float32).tobytes() == t.weight_scale_2.tobytes(), m
+        x = a.astype(np.float64)
+        err = ((x - np.asarray(numerics.dequantize(ref), np.float64)) ** 2).sum()
+        assert got.squared_error[m] == pytest.approx(err, rel=1e-5, abs=1e-30), m
+    assert got.zero_weight_amax == ["attn.o"]
+
+
+def test_nan_in_a_stack_names_its_module():
+    w, groups = _weights()
+    w["experts.4.gate"][0, 0] = np.inf
+    with pytest.raises(LayerQuantError, match=r"experts\.4\.gate\.weight: it holds NaN"):
+        quantize_layer(_as_stacks(w), groups)

@@ -400,3 +400,31 @@ def test_stacks_built_once_serve_every_batch(checkpoints):
     fewer = type(stacks)(*(s[:-1] for s in stacks))
     with pytest.raises(ModelConfigError, match="stacked experts"):
         family.layer_forward(1, params, hidden, dtype=jnp.bfloat16, experts=fewer)
+
+
+def test_experts_moved_into_stacks_free_the_per_expert_arrays_and_run_the_same(checkpoints):
+    """move_experts_into_stacks leaves the layer's routed experts only as stacks (their per-expert
+    entries gone, the stacks equal to numpy stacks of them) and layer_forward on those tensors
+    gives the bytes of the per-expert tensors; a LayerTensors flattens and rebuilds as a pytree."""
+    import jax
+
+    from nvfp4_jax.models.moe import LayerTensors
+
+    path = checkpoints("deepseek_v3")
+    family = get_family(mf.read_config(path))
+    params = mf.load_params(path, family, jnp.bfloat16)
+    prefix = family.layer_prefix(1) + "mlp.experts."
+    held = LayerTensors(params)
+    family.move_experts_into_stacks(1, held, jnp.bfloat16)
+    assert not [k for k in held if k.startswith(prefix)] and [k for k in params if k.startswith(prefix)]
+    for stack, proj in zip(held.expert_stacks, ("gate_proj", "up_proj", "down_proj")):
+        ref = np.stack([np.asarray(params[f"{prefix}{e}.{proj}.weight"]) for e in range(family.spec.num_experts)])
+        assert np.asarray(stack).tobytes() == ref.tobytes(), proj
+    hidden = family.embed(params, _input_ids(), dtype=jnp.bfloat16)
+    (a, sa), (b, sb) = (family.layer_forward(1, p, hidden, dtype=jnp.bfloat16) for p in (params, held))
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    for x, y in zip(jax.tree.leaves(jax.device_get(sa)), jax.tree.leaves(jax.device_get(sb))):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    rebuilt = jax.tree.map(lambda x: x, held)
+    assert isinstance(rebuilt, LayerTensors) and rebuilt.keys() == held.keys()
+    assert rebuilt.expert_stacks.gate.shape == held.expert_stacks.gate.shape

@@ -351,3 +351,30 @@ def test_without_room_for_expert_stacks_the_bytes_are_the_same(kimi, tmp_path, m
     assert built and all(built)  # asked for every MoE layer, and the stacks would have fit
     a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("weight_scales", ["max", "local-hessian"])
+def test_experts_held_as_stacks_give_the_files_of_per_expert_arrays(kimi, tmp_path, monkeypatch, weight_scales):
+    """A calibrated conversion whose MoE layers hold their routed experts as stacks only (the
+    per-expert arrays dropped at the read; calibration, local-hessian's second forward and the
+    quantize phase reading the stacks) writes the same files, byte for byte, as one that keeps the
+    per-expert arrays (stacks_fit forced false: no stacks at all, every weight its own array)."""
+    from nvfp4_jax import calibration
+    from nvfp4_jax.models import moe
+
+    tokens = examples.calibration_samples(kimi / "tokenizer.json", 2, 16)
+    moved = []
+    real_move = moe.ExpertNames.move_into_stacks
+    monkeypatch.setattr(moe.ExpertNames, "move_into_stacks",
+                        lambda self, params, dtype: moved.append(self.prefix) or real_move(self, params, dtype))
+    options = ConvertOptions(calib_tokens=tokens, progress=False, weight_scales=weight_scales)
+    convert(kimi, tmp_path / "stacks", options)
+    assert moved == ["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"]  # every MoE layer of kimi-k2-tiny
+    monkeypatch.setattr(calibration, "stacks_fit", lambda n, limit: False)
+    convert(kimi, tmp_path / "arrays", options)
+    assert len(moved) == 2
+    files = sorted(p.name for p in (tmp_path / "stacks").iterdir() if p.name != "nvfp4_report.json")
+    assert files == sorted(p.name for p in (tmp_path / "arrays").iterdir() if p.name != "nvfp4_report.json")
+    assert any(f.endswith(".safetensors") for f in files)
+    for f in files:
+        assert (tmp_path / "stacks" / f).read_bytes() == (tmp_path / "arrays" / f).read_bytes(), f
