@@ -18,9 +18,9 @@ every weight is its own call: no stacked copy, one compilation per weight shape,
 weight's temporaries live at a time (XLA:CPU allocates every buffer over 32 MB freshly, which
 costs page faults in proportion to its size).
 
-Weights already held stacked (a MoE layer's routed experts kept from calibration as
-``moe.ExpertStacks``, given as :class:`WeightStack` in a :class:`LayerWeights`) are quantized from
-contiguous slices of their stack taken inside the jitted calls: no per-weight array and no
+Weights already held stacked (a MoE layer's routed experts, held as ``moe.ExpertStacks`` from the
+read through calibration, given as :class:`WeightStack` in a :class:`LayerWeights`) are quantized
+from contiguous slices of their stack taken inside the jitted calls: no per-weight array and no
 re-stacked copy, the same chunk bound and the same bytes.
 
 With the default mode ``max``, bytes equal :func:`nvfp4_jax.numerics.quantize` of each weight with
