@@ -116,8 +116,11 @@ class ExpertNames:
         stacked = []
         for proj_name in PROJECTIONS:
             stacked.append(_stack_jit(self._per_expert(params, proj_name), dtype=jnp.dtype(dtype)))
-            for k in self.weight_names(proj_name):  # the stack's inputs stay alive until it is computed
+            for k in self.weight_names(proj_name):
                 del params[k]
+            # computed before the next projection's is dispatched: its inputs are freed by then, so
+            # asynchronous dispatch cannot have every stack and every per-expert array alive at once
+            jax.block_until_ready(stacked[-1])
         params.expert_stacks = ExpertStacks(*stacked)
 
     def input_amax(self, input_amax: Params) -> ExpertInputAmax | None:
