@@ -1,7 +1,7 @@
 """Where the quantize phase of a Kimi-K2-shaped MoE layer spends its time: the whole
 ``layer_quant.quantize_layer`` call (the phase minus input scales) against its steps timed one by
-one with a device sync after each (weight amax, quantize with its fused reconstruction error, the
-error alone, the one device-to-host transfer, the numpy views), and the kernel alone
+one with a device sync after each (weight amax, the reconstruction error over all rows and over
+the sampled rows the phase uses, the one device-to-host transfer, the numpy views), and the kernel alone
 (numerics.quantize of each chunk, stacked where a chunk has several weights).
 Times of the 2nd and 3rd call (compilations excluded). Usage:
 python scripts/profile_quantize_layer.py [workdir] [experts] (builds the source there)."""
@@ -51,10 +51,10 @@ def main():
     rows["quantize_layer_s"] = timed(lambda: layer_quant.quantize_layer(weights))
     rows["amax_s"] = timed(lambda: [layer_quant._chunk_amax(ws) for ws in stacked])
     amax = [a if len(ws) > 1 else a[0] for ws, a in zip(stacked, (layer_quant._chunk_amax(ws) for ws in stacked))]
-    rows["quantize_and_error_s"] = timed(lambda: [layer_quant._chunk_quantize(ws, a) for ws, a in zip(stacked, amax)])
     rows["quantize_kernels_s"] = timed(lambda: [kernel(ws, a) for ws, a in zip(stacked, amax)])
     q = [kernel(ws, a) for ws, a in zip(stacked, amax)]
-    rows["error_s"] = timed(lambda: [error(ws, r) for ws, r in zip(stacked, q)])
+    rows["error_all_rows_s"] = timed(lambda: [error(ws, r) for ws, r in zip(stacked, q)])
+    rows["error_sampled_rows_s"] = timed(lambda: [layer_quant._chunk_error(ws, r) for ws, r in zip(stacked, q)])
     rows["device_get_s"] = timed(lambda: jax.device_get(q))
     host = jax.device_get(q)
     rows["numpy_views_s"] = timed(lambda: [np.asarray(r.weight[j]) if r.weight.ndim == 3 else np.asarray(r.weight)
