@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nvfp4_jax import numerics
-from nvfp4_jax.layer_quant import LayerQuantError, _chunks, input_scales, quantize_layer
+from nvfp4_jax.layer_quant import LayerQuantError, fused_batches, fused_groups, input_scales, quantize_layer
 
 
 def _weights(seed=0):
@@ -46,15 +46,27 @@ def test_bytes_equal_per_module_quantize_with_group_amax(max_chunk_bytes):
     assert got.zero_weight_amax == ["attn.o"]
 
 
-def test_chunks_split_a_kind_evenly_within_the_byte_bound():
+def test_batches_split_a_kind_evenly_within_the_byte_bound():
     w = {f"e.{i:02d}": jnp.zeros((16, 32), jnp.bfloat16) for i in range(10)}
     w["other"] = jnp.zeros((32, 16), jnp.float32)
     one = 16 * 32 * 2
-    sizes = lambda bound: [len(b) for b in _chunks(w, sorted(w), bound)]  # noqa: E731
+    alone = fused_groups(sorted(w))
+    sizes = lambda bound, groups=alone: [len(b) for b in fused_batches(w, groups, bound)]  # noqa: E731
     assert sizes(4 * one) == [4, 3, 3, 1]  # 10 in 3 batches of at most 4, evenly; "other" alone
     assert sizes(0) == [1] * 11
     assert sizes(100 * one) == [10, 1]
-    assert [m for b in _chunks(w, sorted(w), 4 * one) for m in b] == [m for b in _chunks(w, sorted(w), 0) for m in b]
+    flat = lambda bound: [g for b in fused_batches(w, alone, bound) for g in b]  # noqa: E731
+    assert flat(4 * one) == flat(0)
+    # pairs count their two members' bytes: at most 2 pairs in 4 weights' worth
+    pairs = fused_groups(sorted(w), [(f"e.{i:02d}", f"e.{i + 1:02d}") for i in range(0, 10, 2)])
+    assert sizes(4 * one, pairs) == [2, 2, 1, 1]
+
+
+def test_fused_groups_cover_every_module_once_and_merge_overlaps():
+    mods = ["a", "b", "c", "d", "e"]
+    assert fused_groups(mods, [("b", "a"), ("c", "zz")]) == [("a", "b"), ("c",), ("d",), ("e",)]
+    # groups sharing a module share one amax: merged, transitively
+    assert fused_groups(mods, [("a", "b"), ("c", "d"), ("b", "c")]) == [("a", "b", "c", "d"), ("e",)]
 
 
 def test_nan_weight_is_named():
