@@ -341,9 +341,9 @@ def _quantized_weights_per_layer(src: Path, out: Path):
 def quantize_kernels_baseline(src: Path, out: Path) -> dict:
     """The quantize phase's kernels alone, on the weights the conversion quantized: per layer, the
     weights (read untimed), their amax (untimed), then :func:`numerics.quantize` with that amax,
-    jitted afresh (one compilation per weight shape and chunk size, timed), in the chunks the phase
-    uses (:func:`layer_quant._chunks`, stacked inside the jit where a chunk has several weights),
-    until every result is ready."""
+    jitted afresh (one compilation per weight shape and batch size, timed), batched as the phase
+    batches lone weights (:func:`layer_quant.fused_batches`, stacked inside the jit where a batch
+    has several), until every result is ready."""
     from nvfp4_jax import layer_quant
 
     jax.clear_caches()  # the conversion's compilations are not the baseline's
@@ -354,28 +354,32 @@ def quantize_kernels_baseline(src: Path, out: Path) -> dict:
 
     seconds, count = 0.0, 0
     for mods, weights in _quantized_weights_per_layer(src, out):
-        chunks = layer_quant._chunks(weights, mods, layer_quant.chunk_bytes())
-        amax = [np.asarray(jax.device_get(layer_quant._chunk_amax(tuple(weights[m] for m in b)))) for b in chunks]
+        batches = layer_quant.fused_batches(weights, layer_quant.fused_groups(mods), layer_quant.chunk_bytes())
+        chunks = [tuple(weights[m] for (m,) in b) for b in batches]
+        amax = [np.asarray(jax.device_get(layer_quant._batch_amax((ws,))))[0] for ws in chunks]  # [G] per batch
         t = time.perf_counter()
-        results = [kernel(tuple(weights[m] for m in b), a if len(b) > 1 else a[0]) for b, a in zip(chunks, amax)]
+        results = [kernel(ws, a if len(ws) > 1 else a[0]) for ws, a in zip(chunks, amax)]
         jax.block_until_ready(results)
         seconds += time.perf_counter() - t
         count += len(mods)
     return {"phase": "quantize", "seconds": seconds, "weights": count,
-            "what": "numerics.quantize per chunk of the phase, compilation included"}
+            "what": "numerics.quantize per batch of the phase, compilation included"}
 
 
 def quantize_layer_baseline(src: Path, out: Path) -> dict:
     """:func:`layer_quant.quantize_layer` alone (amax, quantize, squared error, the transfer) on the
-    same weights, compilations included: the phase without the pipeline around it (input scales,
-    the read-ahead thread competing for the cores)."""
+    same weights and fused groups, compilations included: the phase without the pipeline around
+    it (input scales, the read-ahead thread competing for the cores)."""
     from nvfp4_jax import layer_quant
+    from nvfp4_jax.checkpoint.layout import get_layout
+
+    layout = get_layout(json.loads((Path(src) / "config.json").read_text()))
 
     jax.clear_caches()
     seconds, count = 0.0, 0
     for mods, weights in _quantized_weights_per_layer(src, out):
         t = time.perf_counter()
-        layer_quant.quantize_layer(weights)
+        layer_quant.quantize_layer(weights, layout.fused_groups(mods))  # the groups the conversion uses
         seconds += time.perf_counter() - t
         count += len(mods)
     return {"phase": "quantize", "seconds": seconds, "weights": count,

@@ -209,9 +209,8 @@ def quantize_on_owner_devices(weights: Mapping[str, jax.Array], groups: Sequence
             raise ModelConfigError(f"fused group {list(split[0])} is spread over devices")
         with jax.default_device(device):
             parts.append(layer_quant.quantize_layer(ws, mine, mode=mode))
-    order = [m for b in layer_quant._chunks(weights, sorted(weights), layer_quant.chunk_bytes()) for m in b]
     merged = layer_quant.QuantizedLayer({}, sorted(m for q in parts for m in q.zero_weight_amax))
-    for m in order:
+    for m in sorted(weights):  # quantize_layer's order
         q = next(q for q in parts if m in q.tensors)
         merged.tensors[m] = q.tensors[m]
         merged.squared_error[m], merged.squared_norm[m] = q.squared_error[m], q.squared_norm[m]

@@ -444,17 +444,27 @@ def tensor_amax(w, per_leading: bool = False) -> jax.Array:
     return jnp.max(a)
 
 
-def abs_max_or_nan(w) -> jax.Array:
-    """max |w| over the whole tensor as float32, NaN if ``w`` holds a NaN or an Inf; jit-able.
+def abs_max_or_nan(w, per_leading: bool = False) -> jax.Array:
+    """max |w| as float32, NaN where ``w`` holds a NaN or an Inf; over the whole tensor, or with
+    ``per_leading`` one per leading index (``[E]`` for ``[E, N, K]``); jit-able.
 
     A max over the magnitude keys (the bit pattern without the sign, see :func:`_magnitude_keys`):
     an integer reduction reading ``w`` once with no float32 copy (for bfloat16 inputs); the keys
-    order magnitudes, so the key of the maximum is the maximum's bits, and every NaN or Inf has a
-    key at or above that of +Inf."""
+    order magnitudes, so the key of the maximum is the maximum's bits, and a NaN's key is above
+    every other. Where the last axis is a multiple of BLOCK the keys are reduced per block first
+    and the block maxima taken as float32, the very expressions :func:`quantize` computes, so
+    inside one jitted program XLA computes them once for both (reducing the integer block keys
+    instead made XLA:CPU read the weight once more); the float max keeps a NaN (XLA's max
+    propagates it) and an Inf is turned into NaN."""
     if w.dtype not in (jnp.bfloat16, jnp.float32):
         w = w.astype(_F32)
+    lead = w.shape[:-2] if per_leading and w.ndim > 2 else ()
+    if w.ndim >= 2 and w.shape[-1] % BLOCK == 0:
+        key, _, nbits = _magnitude_keys(w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK))
+        top = jnp.max(_key_to_f32(jnp.max(key, axis=-1), nbits).reshape(*lead, -1), axis=-1)
+        return jnp.where(jnp.isinf(top), _F32(jnp.nan), top)
     key, _, nbits = _magnitude_keys(w)
-    top = jnp.max(key)
+    top = jnp.max(key.reshape(*lead, -1), axis=-1)
     inf_key = 0x7F80 if nbits == 16 else 0x7F800000
     return jnp.where(top >= inf_key, _F32(jnp.nan), _key_to_f32(top, nbits))
 

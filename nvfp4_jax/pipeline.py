@@ -28,7 +28,7 @@ from nvfp4_jax import (__version__, calib_data, compile_cache, expert_parallel, 
                        numerics, resources, sharding, weight_scales)
 from nvfp4_jax.overlap import LAYERS_IN_FLIGHT, WriteBehind, read_ahead
 from nvfp4_jax.finite import check_finite
-from nvfp4_jax.layer_quant import LayerWeights, WeightStack, input_scales, quantize_layer
+from nvfp4_jax.layer_quant import ERROR_ROW_STRIDE, LayerWeights, WeightStack, input_scales, quantize_layer
 from nvfp4_jax.models.moe import PROJECTIONS, LayerTensors
 from nvfp4_jax.progress import Progress
 from nvfp4_jax.calibration import (
@@ -660,10 +660,12 @@ def _overlap_report(enabled: bool, time_s: dict) -> dict:
 
 def _weight_scales_report(mode: str, units: dict) -> dict:
     """The mode, the weights' relative squared reconstruction error over every quantized linear
-    (``sum (w - dequant)^2 / sum w^2``), and local-hessian's mse fallbacks."""
+    (``sum (w - dequant)^2 / sum w^2``, over the rows layer_quant samples), and local-hessian's mse
+    fallbacks."""
     err = sum(u.get("weight_squared_error", 0.0) for u in units.values())
     norm = sum(u.get("weight_squared_norm", 0.0) for u in units.values())
-    out = {"mode": mode, "relative_squared_error": err / norm if norm > 0 else 0.0}
+    out = {"mode": mode, "relative_squared_error": err / norm if norm > 0 else 0.0,
+           "error_rows": f"every {ERROR_ROW_STRIDE}th output row of each linear, scaled to its rows"}
     if mode == "local-hessian":
         fallback = sorted(m for u in units.values() for m in u.get("hessian_mse_fallback", []))
         out["mse_fallback_linears"] = len(fallback)

@@ -26,6 +26,24 @@ def run_device_worker(script: str, checks: str, devices: int, timeout: int) -> d
     return json.loads(last[-1][len("RESULT "):])
 
 
+def run_checks(checks: str, table: dict) -> dict:
+    """In the worker: each check named in ``checks`` (comma-separated keys of ``table``, name ->
+    fn() -> dict) -> the RESULT dict; a failing check's entry is its traceback, so one failure
+    does not hide the others."""
+    import traceback
+
+    import jax
+
+    out = {"devices": len(jax.devices())}
+    for check in checks.split(","):
+        try:
+            out[check] = table[check]()
+        except Exception:  # noqa: BLE001 - reported per check, see the docstring
+            out[check] = {"error": traceback.format_exc()}
+            print(out[check]["error"], file=sys.stderr)
+    return out
+
+
 def check_results(results: dict, devices: int) -> Callable[[str], dict]:
     """The getter a module's ``worker`` fixture returns: one check's entry, failing on its error."""
     assert results["devices"] == devices

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.device_worker import calib_stats_equal, check_results, run_device_worker
+from tests.device_worker import calib_stats_equal, check_results, run_checks, run_device_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
@@ -203,18 +203,7 @@ CHECKS = {"forward": check_forward, "argument_bytes": check_argument_bytes}
 
 
 def _worker(checks: str) -> dict:
-    import traceback
-
-    import jax
-
-    out = {"devices": len(jax.devices())}
-    for check in checks.split(","):
-        try:
-            out[check] = CHECKS[check]()
-        except Exception:  # reported per check, so one failure does not hide the others
-            out[check] = {"error": traceback.format_exc()}
-            print(out[check]["error"], file=sys.stderr)
-    return out
+    return run_checks(checks, CHECKS)
 
 
 if __name__ == "__main__":

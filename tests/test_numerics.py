@@ -196,3 +196,15 @@ def test_abs_max_or_nan(dtype):
     assert float(nq.abs_max_or_nan(jnp.zeros((4, 16), dtype).at[0, 0].set(-0.0))) == 0.0
     for bad in (np.nan, np.inf, -np.inf):
         assert np.isnan(float(jax.jit(nq.abs_max_or_nan)(w.at[3, 3].set(bad))))
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 32), (2, 5, 24)])  # K a multiple of 16 (block maxima first) or not
+def test_abs_max_or_nan_per_leading_index(shape):
+    rng = np.random.default_rng(4)
+    a = (rng.standard_normal(shape) * rng.uniform(0.1, 9, (shape[0], 1, 1))).astype(np.float32)
+    a[0, 1, 2] = np.nan
+    w = jnp.asarray(a, jnp.bfloat16)
+    got = np.asarray(jax.jit(nq.abs_max_or_nan, static_argnums=1)(w, True))
+    expected = np.abs(np.asarray(w.astype(jnp.float32))).reshape(shape[0], -1).max(axis=1)  # NaN in row 0
+    assert got.shape == (shape[0],)
+    assert np.isnan(got[0]) and np.array_equal(got[1:], expected[1:])

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.device_worker import calib_stats_equal, check_results, run_device_worker
+from tests.device_worker import calib_stats_equal, check_results, run_checks, run_device_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 8
@@ -94,19 +94,10 @@ def test_convert_on_8_devices_is_byte_identical_to_one_device(tmp_path):
 
 
 def _worker(checks: str) -> dict:
-    import traceback
-
     import jax
 
     assert len(jax.devices()) == N_DEVICES, jax.devices()
-    out = {"devices": len(jax.devices())}
-    for check in checks.split(","):
-        try:
-            out[check] = CHECKS[check]()
-        except Exception:  # reported per check, so one failure does not hide the others
-            out[check] = {"error": traceback.format_exc()}
-            print(out[check]["error"], file=sys.stderr)
-    return out
+    return run_checks(checks, CHECKS)
 
 
 def _same_tensor(a, b) -> bool:
