@@ -126,3 +126,22 @@ def test_nan_in_a_stack_names_its_module():
     w["experts.4.gate"][0, 0] = np.inf
     with pytest.raises(LayerQuantError, match=r"experts\.4\.gate\.weight: it holds NaN"):
         quantize_layer(_as_stacks(w), groups)
+
+
+def test_a_group_mixing_stacked_and_separate_weights_is_quantized_with_its_group_amax():
+    """A fused group with a stacked member and a separate one (experts.2.down with attn.o here) takes
+    the stacked member as an array of its own; the down stack's other rows go in two runs (0-1 and
+    3-4); every weight still gets the bytes of numerics.quantize with its group amax (numpy)."""
+    w, groups = _weights(seed=2)
+    groups = groups + [("experts.2.down", "attn.o")]
+    group_of = {m: g for g in groups for m in g}
+    for max_chunk_bytes in (0, 10**9):
+        got = quantize_layer(_as_stacks(w), groups, max_chunk_bytes=max_chunk_bytes)
+        for m, a in w.items():
+            amax = np.float32(max(np.abs(w[x].astype(np.float32)).max() for x in group_of.get(m, (m,))))
+            ref = numerics.quantize(jnp.asarray(a), amax)
+            assert np.array_equal(np.asarray(ref.weight), got.tensors[m].weight), m
+            assert np.array_equal(np.asarray(ref.weight_scale).view(np.uint8),
+                                  got.tensors[m].weight_scale.view(np.uint8)), m
+            assert np.asarray(ref.weight_scale_2, np.float32).tobytes() == got.tensors[m].weight_scale_2.tobytes(), m
+        assert got.zero_weight_amax == []  # attn.o (zeros) shares experts.2.down's amax now
