@@ -64,6 +64,7 @@ def signals_raise():
         sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
+        _received.clear()  # a signal of this block is not one of code that runs after it
 
 
 def raise_pending() -> None:

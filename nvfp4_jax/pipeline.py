@@ -26,6 +26,7 @@ import numpy as np
 
 from nvfp4_jax import (__version__, calib_data, compile_cache, expert_parallel, fingerprint, guards, interrupts,
                        numerics, resources, sharding, weight_scales)
+from nvfp4_jax.output_lock import output_lock
 from nvfp4_jax.overlap import LAYERS_IN_FLIGHT, WriteBehind, read_ahead
 from nvfp4_jax.finite import check_finite
 from nvfp4_jax.layer_quant import ERROR_ROW_STRIDE, LayerWeights, WeightStack, input_scales, quantize_layer
@@ -163,6 +164,8 @@ def convert(src, out, options: Optional[ConvertOptions] = None,
         raise UsageError("--weight-scales local-hessian runs in one process only (its input statistics are "
                          "not exchanged between processes)")
     with contextlib.ExitStack() as cleanup:
+        if coordinator.process_id == 0:  # one run at a time into OUT (nvfp4_jax.output_lock)
+            cleanup.enter_context(output_lock(out, log))
         monitor = resources.ResourceMonitor()  # bytes read are counted from here
         reader = CheckpointReader(src)  # validates every file before anything is written
         cleanup.callback(reader.close)

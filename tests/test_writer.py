@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import ml_dtypes
@@ -265,16 +264,22 @@ def test_add_accepts_jax_arrays(tmp_path):
 
 DRIVER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys
     sys.path.insert(0, {root!r})
     import tests.test_writer as tw
     from nvfp4_jax.checkpoint.writer import PlannedWriter as W
-    orig = W.finish_unit
-    def slow_finish(self, unit, info=None):
-        orig(self, unit, info)
+    orig_finish, orig_add = W.finish_unit, W.add
+    finished = []
+    def finish(self, unit, info=None):
+        orig_finish(self, unit, info)
+        finished.append(unit)
         print("done", unit, flush=True)
-        time.sleep(0.4)
-    W.finish_unit = slow_finish
+    def add(self, name, array):
+        orig_add(self, name, array)
+        if len(finished) == 3 and os.environ.get("HOLD_INSIDE_FOURTH_UNIT"):
+            print("writing", name, flush=True)
+            sys.stdin.readline()  # held here, part of the unit written, until the test kills it
+    W.finish_unit, W.add = finish, add
     tw.write_all(sys.argv[1], resume=True)
     print("finalized", flush=True)
     """
@@ -287,25 +292,24 @@ def test_sigkill_leaves_no_output_and_resumes_identically(tmp_path):
     driver.write_text(DRIVER.format(root=str(Path(__file__).resolve().parents[1])))
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, str(driver), str(out)], stdout=subprocess.PIPE, text=True, env=env,
-                            cwd=Path(__file__).parents[1])
+    proc = subprocess.Popen([sys.executable, str(driver), str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**env, "HOLD_INSIDE_FOURTH_UNIT": "1"}, cwd=Path(__file__).parents[1])
     try:
         lines = []
-        while len(lines) < 3:  # head, layer.0, layer.1 finished; layer.2 under way
+        while not lines or not lines[-1].startswith("writing"):  # head, layer.0, layer.1 done; layer.2 begun
             line = proc.stdout.readline()
-            assert line, "driver exited early"
+            assert line, f"driver exited early: {lines}"
             lines.append(line.strip())
-        time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # the driver waits on stdin: killed inside layer.2, always
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert lines[-1] == "done layer.1"
+    assert lines[:3] == ["done head", "done layer.0", "done layer.1"] and len(lines) == 4
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     manifest = json.loads((tmp_path / "out.partial" / "manifest.json").read_text())
-    assert list(manifest["units"])[:3] == ["head", "layer.0", "layer.1"]
+    assert list(manifest["units"]) == ["head", "layer.0", "layer.1"]
     res = subprocess.run([sys.executable, str(driver), str(out)], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).parents[1], timeout=300)
     assert res.returncode == 0, res.stderr
