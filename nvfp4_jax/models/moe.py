@@ -107,7 +107,8 @@ class ExpertNames:
         held = getattr(params, "expert_stacks", None)
         if held is not None:
             return held
-        return ExpertStacks(*(_stack_jit(self._per_expert(params, pn), dtype=jnp.dtype(dtype)) for pn in PROJECTIONS))
+        dtype = jnp.dtype(dtype)
+        return ExpertStacks(*(_stack_jit(self._per_expert(params, pn), dtype=dtype) for pn in PROJECTIONS))
 
     def move_into_stacks(self, params: LayerTensors, dtype) -> None:
         """Stack the routed experts of `params` (in `dtype`) into ``params.expert_stacks`` and remove
