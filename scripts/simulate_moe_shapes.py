@@ -10,7 +10,7 @@ Each layer draws expert popularities from a symmetric Dirichlet(alpha) (large al
 routing, as Kimi's auxiliary-loss-free balancing aims for; alpha 1: some experts several times as
 busy as the average), each batch its per-expert row counts from a multinomial over those. The
 chunk is what `moe.auto_chunk` gives a Kimi-K2 layer (2 GiB / 88 MB per expert = 24); the gather
-cost is the accelerator's (`moe.gather_cost_rows`). Prints one JSON line per alpha: distinct
+cost is `moe.gather_cost_rows()`. Prints one JSON line per alpha: distinct
 shapes over the run, new shapes per layer, and rows computed / rows routed.
 """
 
@@ -30,7 +30,7 @@ def simulate(args, alpha: float, rng: np.random.Generator) -> dict:
         popularity = rng.dirichlet(np.full(args.experts, alpha))
         before = len(seen)
         for _ in range(args.batches):
-            plan = moe.expert_matmul_plan(rng.multinomial(rows, popularity), args.chunk, rows, gather_rows=256)
+            plan = moe.expert_matmul_plan(rng.multinomial(rows, popularity), args.chunk, rows)
             for step in plan or []:
                 count = args.experts if step.experts is None else len(step.experts)
                 seen.add((step.experts is None, count, step.capacity))
