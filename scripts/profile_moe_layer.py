@@ -12,7 +12,10 @@ one jitted program of every matmul the layer's forward does for those tokens, wi
 operand dtypes and float32 accumulation (each non-expert linear on the T tokens, the routed
 experts as T x top-k rows against one expert's gate, up and down: the FLOPs of the grouped
 matmuls at perfect efficiency; no attention scores, norms, routing or dispatch). The ratio
-layer_forward / bare_matmul is issue 13's CPU acceptance figure (at most 2).
+layer_forward / bare_matmul is issue 13's CPU acceptance figure (at most 2). With stacks, a last
+line times the routed part alone that way and as ``grouped_matmul``: one batched matmul per
+projection over every expert at the mean row count, which reads every expert's weights as the
+layer must (the single-expert GEMMs read one expert's).
 
 The layer's routed experts are stacked once (``family.expert_stacks``) when the code has it, and
 passed to every call, as calibration does; with older code (no ``expert_stacks``) each call
@@ -81,6 +84,28 @@ def bare_matmul(shapes: list, dtype, repeats: int) -> dict:
     return {"bare_matmul_s": timed(lambda: matmuls(xs, ws), repeats), "gflop": round(flops / 1e9, 1)}
 
 
+def grouped_matmul(stacks, rows: int, dtype, repeats: int) -> dict:
+    """Seconds of one jitted program of the routed experts' three matmuls as one batched matmul per
+    projection over every expert, ``rows`` rows each (the routed rows split evenly): the same
+    FLOPs as the single-expert GEMMs of :func:`bare_matmul`, but reading every expert's weights,
+    as the layer must."""
+    rng = np.random.default_rng(1)
+    e, inter, hidden = (int(d) for d in stacks.gate.shape)
+    x = jnp.asarray(rng.standard_normal((e, rows, hidden), np.float32)).astype(stacks.gate.dtype)
+    h = jnp.asarray(rng.standard_normal((e, rows, inter), np.float32)).astype(stacks.gate.dtype)
+
+    @jax.jit
+    def matmuls(x, h, gate, up, down):
+        return [jnp.einsum("erk,enk->ern", a, w, preferred_element_type=jnp.float32).astype(dtype)
+                for a, w in ((x, gate), (x, up), (h, down))]
+
+    def run():
+        return matmuls(x, h, stacks.gate, stacks.up, stacks.down)
+
+    jax.block_until_ready(run())
+    return {"grouped_matmul_s": timed(run, repeats), "rows_per_expert": rows}
+
+
 def _plan_text(plan) -> object:
     """[experts ("all" or a count), capacity, skip] per padded program; "ragged" for ragged_dot."""
     if plan is None:
@@ -132,8 +157,14 @@ def main() -> None:
         print(json.dumps({"mode": mode, "experts": args.experts, "tokens": int(tokens.size),
                           "first_call_s": first[0], "layer_forward_s": again,
                           "plan": _plan_text(plans[-1]) if plans else None}), flush=True)
-    row = bare_matmul(layer_matmul_shapes(fam, 1, p1, int(tokens.size)), dtype, args.repeats)
+    shapes = layer_matmul_shapes(fam, 1, p1, int(tokens.size))
+    row = bare_matmul(shapes, dtype, args.repeats)
     print(json.dumps({"experts": args.experts, "tokens": int(tokens.size), **row}), flush=True)
+    if "experts" in kwargs:  # the routed part both ways: one expert's GEMMs, and every expert's weights read
+        routed_rows = int(tokens.size) * int(fam.config.get("num_experts_per_tok", 0))
+        routed = bare_matmul([(r, w) for r, w in shapes if r == routed_rows], dtype, args.repeats)
+        grouped = grouped_matmul(kwargs["experts"], routed_rows // args.experts, dtype, args.repeats)
+        print(json.dumps({"routed_bare_matmul_s": routed["bare_matmul_s"], **grouped}), flush=True)
 
 
 if __name__ == "__main__":
