@@ -313,7 +313,7 @@ def sampled_rows(n: int) -> int:
 
 
 @jax.jit
-def _chunk_error(ws, q):
+def _batch_error(ws, q):
     """(squared error, squared norm) of each weight of ``ws`` (no leading axis for one weight, as
     ``q``) over its sampled rows, scaled by rows / sampled rows to estimate the whole sums."""
     rows = slice(None, None, ERROR_ROW_STRIDE)
@@ -430,7 +430,7 @@ def quantize_layer(weights: Mapping[str, jax.Array] | LayerWeights, groups: Sequ
     results = []
     for batch in batches:
         qs, amax = _quantize_batch(batch, opts)
-        errors = [_chunk_error(p, q) for p, q in zip(batch.positions, qs)]
+        errors = [_batch_error(p, q) for p, q in zip(batch.positions, qs)]
         results.append((qs, errors, amax))
     results = jax.device_get(results)  # one transfer for the whole layer
 

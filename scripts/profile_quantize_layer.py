@@ -56,7 +56,7 @@ def main():
     rows["quantize_kernels_s"] = timed(lambda: [kernel(ws, a) for ws, a in zip(stacked, amax)])
     q = [kernel(ws, a) for ws, a in zip(stacked, amax)]
     rows["error_all_rows_s"] = timed(lambda: [error(ws, r) for ws, r in zip(stacked, q)])
-    rows["error_sampled_rows_s"] = timed(lambda: [layer_quant._chunk_error(ws, r) for ws, r in zip(stacked, q)])
+    rows["error_sampled_rows_s"] = timed(lambda: [layer_quant._batch_error(ws, r) for ws, r in zip(stacked, q)])
     rows["device_get_s"] = timed(lambda: jax.device_get(q))
     host = jax.device_get(q)
     rows["numpy_views_s"] = timed(lambda: [np.asarray(r.weight[j]) if r.weight.ndim == 3 else np.asarray(r.weight)
