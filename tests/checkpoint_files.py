@@ -1,4 +1,4 @@
-"""Reading a written checkpoint back in tests: every tensor of every shard, by name."""
+"""Reading a written checkpoint back in tests: every tensor of every shard, by name, or every file's bytes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,3 +17,10 @@ def load_dir(d) -> dict[str, np.ndarray]:
             out[k] = np.array(fc.read(e))
     fc.close()
     return out
+
+
+def tree_bytes(path) -> dict[str, bytes]:
+    """Every file under ``path`` (relative name -> bytes): to compare two outputs, or one before
+    and after a run that must not touch it."""
+    path = Path(path)
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

@@ -11,12 +11,9 @@ import pytest
 from nvfp4_jax import examples
 from nvfp4_jax.output_lock import OutputBusyError, lock_path, output_lock
 from nvfp4_jax.pipeline import ConvertOptions, convert
+from tests.checkpoint_files import tree_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tree_bytes(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +30,11 @@ def test_a_second_run_into_a_locked_output_fails_and_touches_nothing(llama, tmp_
     partial = tmp_path / "out.partial"
     partial.mkdir()
     (partial / "keep.txt").write_text("the other run's work")
-    before = {**_tree_bytes(out), **{f"partial/{k}": v for k, v in _tree_bytes(partial).items()}}
+    before = {**tree_bytes(out), **{f"partial/{k}": v for k, v in tree_bytes(partial).items()}}
     with output_lock(out):  # the first run, still writing
         with pytest.raises(OutputBusyError, match=rf"{out} is being written by another nvfp4-jax run \(pid {os.getpid()} on"):
             convert(llama, out, ConvertOptions(**{**OPTS.__dict__, "overwrite": True}), log=lambda m: None)
-    after = {**_tree_bytes(out), **{f"partial/{k}": v for k, v in _tree_bytes(partial).items()}}
+    after = {**tree_bytes(out), **{f"partial/{k}": v for k, v in tree_bytes(partial).items()}}
     assert after == before
 
 

@@ -19,11 +19,8 @@ from nvfp4_jax.cli import main as cli_main
 from nvfp4_jax.errors import NVFP4Error
 from nvfp4_jax.interrupts import Interrupted, signals_raise
 from nvfp4_jax.pipeline import ConvertOptions, convert
+from tests.checkpoint_files import tree_bytes
 from tests.cli_process import start_cli, wait_for_first_layer
-
-
-def _tree_bytes(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _tokens(src, n=4, seq=16):
@@ -66,7 +63,7 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(llama, tmp_pa
     out = tmp_path / "out"
     base = ConvertOptions(calib_tokens=_tokens(llama), progress=False)
     _interrupted(llama, out, base, monkeypatch)
-    before = _tree_bytes(Path(f"{out}.partial"))
+    before = tree_bytes(Path(f"{out}.partial"))
     fields = dict(change)
     if fields.get("calib_tokens") == "other":
         fields["calib_tokens"] = _tokens(llama, 4, 12)
@@ -77,7 +74,7 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(llama, tmp_pa
     assert "cannot resume" in msg and named in msg
     if "shard_size" in fields:
         assert "shard_size" in msg  # every differing setting is named, not only the first
-    assert _tree_bytes(Path(f"{out}.partial")) == before and not out.exists()
+    assert tree_bytes(Path(f"{out}.partial")) == before and not out.exists()
 
 
 def test_resume_from_another_source_of_the_same_shapes_is_refused(llama, tmp_path, monkeypatch):
@@ -85,10 +82,10 @@ def test_resume_from_another_source_of_the_same_shapes_is_refused(llama, tmp_pat
     out = tmp_path / "out"
     opts = ConvertOptions(input_scale_constant=1.0, progress=False)
     _interrupted(llama, out, opts, monkeypatch)
-    before = _tree_bytes(Path(f"{out}.partial"))
+    before = tree_bytes(Path(f"{out}.partial"))
     with pytest.raises(NVFP4Error, match=r"cannot resume: the source tensors of layer\.0 .* are not those"):
         convert(other, out, ConvertOptions(**{**opts.__dict__, "resume": True}), log=lambda m: None)
-    assert _tree_bytes(Path(f"{out}.partial")) == before and not out.exists()
+    assert tree_bytes(Path(f"{out}.partial")) == before and not out.exists()
 
 
 def test_same_resume_completes_byte_identical_and_says_resumed(llama, tmp_path, monkeypatch):
@@ -99,7 +96,7 @@ def test_same_resume_completes_byte_identical_and_says_resumed(llama, tmp_path, 
     _interrupted(llama, out, opts, monkeypatch)
     report = convert(llama, out, ConvertOptions(**{**opts.__dict__, "resume": True}), log=lambda m: None)
     assert report["resumed"] is True
-    a, b = _tree_bytes(clean), _tree_bytes(out)
+    a, b = tree_bytes(clean), tree_bytes(out)
     a.pop("nvfp4_report.json"), b.pop("nvfp4_report.json")
     assert a == b
 
@@ -115,12 +112,12 @@ def test_resume_without_a_partial_run_says_so(llama, tmp_path):
 # 2. --overwrite and example never delete what the tool did not write
 
 def test_output_equal_to_inside_or_above_the_source_is_refused(llama, tmp_path, capsys):
-    before = _tree_bytes(llama.parent)
+    before = tree_bytes(llama.parent)
     for out in (llama, llama / "sub", llama.parent):
         code = cli_main(["convert", str(llama), str(out), "--input-scale-constant", "1.0", "--overwrite", "--quiet"])
         assert code == 2
         assert "which this run reads" in capsys.readouterr().err
-    assert _tree_bytes(llama.parent) == before
+    assert tree_bytes(llama.parent) == before
 
 
 def test_overwrite_of_a_foreign_directory_or_a_file_is_refused(llama, tmp_path, capsys):
@@ -144,10 +141,10 @@ def test_example_never_deletes_or_overwrites_what_it_did_not_create(tmp_path, ca
     assert "not written by nvfp4-jax" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     existing = examples.build_llama_tiny(tmp_path / "existing", seed=1)
-    before = _tree_bytes(existing)
+    before = tree_bytes(existing)
     assert cli_main(["example", "llama-tiny", str(tmp_path / "o2"), "--source", str(existing)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert _tree_bytes(existing) == before and not (tmp_path / "o2").exists()
+    assert tree_bytes(existing) == before and not (tmp_path / "o2").exists()
 
 
 def test_free_space_is_checked_from_the_plan_before_calibration(llama, tmp_path, monkeypatch):
@@ -273,7 +270,7 @@ def test_signal_leaves_a_resumable_partial_and_one_line(tmp_path, sig):
     assert not out.exists() and Path(f"{out}.partial").exists()
     p = start_cli(*[out if a is None else a for a in args], "--resume")
     assert p.wait(timeout=600) == 0, p.stderr.read()
-    a, b = _tree_bytes(clean), _tree_bytes(out)
+    a, b = tree_bytes(clean), tree_bytes(out)
     a.pop("nvfp4_report.json"), b.pop("nvfp4_report.json")
     assert a == b
 
@@ -301,6 +298,6 @@ def test_sigkill_at_a_random_point_then_resume_is_byte_identical(tmp_path, seed)
     if not out.exists():
         p = start_cli(*[out if a is None else a for a in args], "--resume")
         assert p.wait(timeout=600) == 0, p.stderr.read()
-    a, b = _tree_bytes(clean), _tree_bytes(out)
+    a, b = tree_bytes(clean), tree_bytes(out)
     a.pop("nvfp4_report.json"), b.pop("nvfp4_report.json")
     assert a == b
